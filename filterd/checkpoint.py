@@ -1,0 +1,173 @@
+"""The checkpoint: one self-describing safetensors file the runtime loads alone.
+
+Tensors plus a JSON document in the safetensors header (architecture, tokenizer, text
+extraction version, threshold, metrics, ...), so no trainer code and no pickle is needed
+to load it. A sha256 of the tensor bytes sits in the header too: safetensors checks the
+layout, the hash catches flipped or zeroed bytes. Writes are atomic (temporary file,
+fsync, rename), so a daemon watching the path never reads half a file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from filterd import __version__
+from filterd.message import TEXT_VERSION
+from filterd.model import GPT2Classifier, GPTConfig
+
+FORMAT = "filterd-checkpoint/1"
+FILENAME = "model.safetensors"
+_META_KEY = "filterd"
+
+
+class CheckpointError(ValueError):
+    """The file is not a usable filterd checkpoint; the message says why."""
+
+
+@dataclass
+class CheckpointMeta:
+    arch: str
+    config: dict
+    threshold: float = 0.5
+    max_tokens: int = 256
+    labels: list[str] = field(default_factory=lambda: ["ham", "spam"])
+    tokenizer: str = "gpt2"
+    text_version: int = TEXT_VERSION
+    data_fingerprint: str = ""
+    metrics: dict = field(default_factory=dict)
+    filterd_version: str = __version__
+    created_at: str = ""
+    format: str = FORMAT
+
+    @property
+    def model_config(self) -> GPTConfig:
+        return GPTConfig.from_dict(self.config)
+
+
+def checkpoint_path(path: str | os.PathLike) -> Path:
+    """Accept the checkpoint file or the folder holding it (a new path is a folder
+    unless it ends in .safetensors)."""
+    p = Path(path).expanduser()
+    if p.is_file() or (p.suffix == ".safetensors" and not p.is_dir()):
+        return p
+    return p / FILENAME
+
+
+def save_checkpoint(path: str | os.PathLike, model: GPT2Classifier, meta: CheckpointMeta) -> Path:
+    target = checkpoint_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    meta.config = model.config.to_dict()
+    meta.created_at = meta.created_at or datetime.datetime.now(datetime.UTC).isoformat(
+        timespec="seconds"
+    )
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
+    }
+    # The data section does not depend on the header, so hash it from a first pass.
+    digest = _data_sha256(save_tensors(tensors, metadata={}))
+    header = {_META_KEY: json.dumps(asdict(meta)), "sha256": digest}
+    blob = save_tensors(tensors, metadata=header)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(blob)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return target
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[GPT2Classifier, CheckpointMeta]:
+    target = checkpoint_path(path)
+    try:
+        blob = target.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{target}: cannot read checkpoint ({e.strerror or e})") from e
+    header = _header(blob, target)
+    meta = _meta(header, target)
+    if _data_sha256(blob) != header.get("sha256"):
+        raise CheckpointError(f"{target}: tensor data is corrupt (sha256 mismatch)")
+    try:
+        tensors = load_tensors(blob)
+    except Exception as e:  # safetensors raises its own error type for layout damage
+        raise CheckpointError(f"{target}: damaged tensor data ({e})") from e
+    try:
+        model = GPT2Classifier(meta.model_config)
+    except ValueError as e:
+        raise CheckpointError(f"{target}: bad architecture in metadata: {e}") from e
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != found:
+        diff = sorted(set(expected.items()) ^ set(found.items()))[:4]
+        raise CheckpointError(f"{target}: tensors do not match its architecture: {diff}")
+    model.load_state_dict(tensors)
+    return model.to(device).eval(), meta
+
+
+def _header(blob: bytes, target: Path) -> dict:
+    if len(blob) < 8:
+        raise CheckpointError(f"{target}: truncated ({len(blob)} bytes): not a checkpoint")
+    (size,) = struct.unpack("<Q", blob[:8])
+    if size > len(blob) - 8:
+        raise CheckpointError(f"{target}: truncated or not a safetensors file")
+    try:
+        header = json.loads(blob[8 : 8 + size])
+        metadata = header.get("__metadata__") or {}
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{target}: unreadable safetensors header ({e})") from e
+    if _META_KEY not in metadata:
+        raise CheckpointError(
+            f"{target}: no filterd metadata: a plain weights file, not a filterd checkpoint "
+            "(train one with filterd-train)"
+        )
+    return metadata
+
+
+def _meta(metadata: dict, target: Path) -> CheckpointMeta:
+    try:
+        meta = CheckpointMeta(**json.loads(metadata[_META_KEY]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{target}: bad filterd metadata ({e})") from e
+    if meta.format != FORMAT:
+        raise CheckpointError(f"{target}: format {meta.format!r}, this filterd reads {FORMAT!r}")
+    if meta.tokenizer != "gpt2":
+        raise CheckpointError(f"{target}: tokenizer {meta.tokenizer!r} is not supported")
+    if meta.text_version != TEXT_VERSION:
+        raise CheckpointError(
+            f"{target}: trained on text extraction v{meta.text_version}, this filterd extracts "
+            f"v{TEXT_VERSION}; retrain it (filterd-train --init {target}) or use a matching filterd"
+        )
+    if meta.labels != ["ham", "spam"]:
+        raise CheckpointError(f"{target}: labels {meta.labels} are not ['ham', 'spam']")
+    positions = meta.config.get("n_positions", 0) if isinstance(meta.config, dict) else 0
+    if not isinstance(meta.max_tokens, int) or not 2 <= meta.max_tokens <= positions:
+        raise CheckpointError(f"{target}: max_tokens {meta.max_tokens} does not fit the model")
+    if not 0.0 <= float(meta.threshold) <= 1.0:
+        raise CheckpointError(f"{target}: threshold {meta.threshold} is not a probability")
+    return meta
+
+
+def _data_sha256(blob: bytes) -> str:
+    (size,) = struct.unpack("<Q", blob[:8])
+    return hashlib.sha256(memoryview(blob)[8 + size :]).hexdigest()

@@ -1,0 +1,93 @@
+"""A loaded checkpoint that turns texts and raw messages into spam probabilities.
+
+This is the one scoring path: the CLI, the daemon and scripts all call it, so what a
+user tests by hand is what the mail server runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from filterd.checkpoint import CheckpointMeta, load_checkpoint
+from filterd.message import TextLimits, message_text
+from filterd.model import GPT2Classifier, pad_batch
+from filterd.tokenizer import ENDOFTEXT, encode
+
+# Micro-batches group messages of similar length and hold at most this many padded
+# tokens, so one long message never drags a whole batch to its length.
+BATCH_TOKENS = 8192
+MAX_BATCH = 64
+
+
+class Classifier:
+    def __init__(
+        self,
+        model: GPT2Classifier,
+        meta: CheckpointMeta,
+        limits: TextLimits = TextLimits(),
+        device: str | torch.device = "cpu",
+    ):
+        self.model = model.to(device).eval()
+        self.meta = meta
+        self.limits = limits
+        self.device = torch.device(device)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta.threshold)
+
+    @property
+    def name(self) -> str:
+        return self.meta.arch
+
+    def tokens(self, text: str) -> list[int]:
+        return encode(text, self.meta.max_tokens)
+
+    def score_texts(self, texts: Sequence[str]) -> list[float]:
+        """Spam probability of each model text (already extracted or an SMS)."""
+        return self.score_tokens([self.tokens(t) for t in texts])
+
+    def score_message(self, raw: bytes) -> float:
+        return self.score_messages([raw])[0]
+
+    def score_messages(self, raws: Sequence[bytes]) -> list[float]:
+        return self.score_texts([message_text(r, self.limits) for r in raws])
+
+    @torch.inference_mode()
+    def score_tokens(self, token_lists: Sequence[list[int]]) -> list[float]:
+        scores = [0.0] * len(token_lists)
+        for batch in length_batches([len(t) for t in token_lists], BATCH_TOKENS, MAX_BATCH):
+            ids, lengths = pad_batch([token_lists[i] for i in batch], ENDOFTEXT, self.device)
+            probs = torch.softmax(self.model(ids, lengths).float(), dim=-1)[:, 1]
+            for i, p in zip(batch, probs.tolist(), strict=True):
+                scores[i] = p
+        return scores
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> list[list[int]]:
+    """Indices grouped by similar length, each group's padded size within max_tokens."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # Sorted ascending, so the newcomer sets the padded length of the group.
+        if current and (len(current) >= max_batch or (len(current) + 1) * lengths[i] > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def load_classifier(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    limits: TextLimits = TextLimits(),
+) -> Classifier:
+    """Load a filterd checkpoint (file or folder) ready to score."""
+    model, meta = load_checkpoint(path, device)
+    return Classifier(model, meta, limits, device)

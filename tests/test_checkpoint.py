@@ -1,0 +1,125 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import filterd
+from filterd.checkpoint import (
+    FILENAME,
+    CheckpointError,
+    CheckpointMeta,
+    load_checkpoint,
+    save_checkpoint,
+)
+from filterd.message import TEXT_VERSION
+
+
+def _meta(model, **kw):
+    return CheckpointMeta(arch="gpt2-tiny", config=model.config.to_dict(), **kw)
+
+
+def _rewrite_meta(path, **changes):
+    """Rewrite the JSON metadata in place, keeping tensors and their hash."""
+    blob = path.read_bytes()
+    (size,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + size])
+    meta = json.loads(header["__metadata__"]["filterd"])
+    meta.update(changes)
+    header["__metadata__"]["filterd"] = json.dumps(meta)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    # Offsets in the header are relative to the data section, so they stay valid.
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + size :])
+
+
+def test_round_trip_file_and_folder(tmp_path, tiny_model, sms_lines):
+    meta = _meta(
+        tiny_model, threshold=0.73, max_tokens=64, data_fingerprint="abc", metrics={"a": 1}
+    )
+    path = save_checkpoint(tmp_path / "out", tiny_model, meta)
+    assert path == tmp_path / "out" / FILENAME
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    saved = save_checkpoint(folder, tiny_model, meta)
+    assert saved == folder / FILENAME
+    assert [p.name for p in folder.iterdir()] == [FILENAME]  # no temporary left behind
+    for source in (folder, saved):
+        clf = filterd.load_classifier(source)
+        assert clf.threshold == 0.73
+        assert clf.meta.max_tokens == 64
+        assert clf.meta.data_fingerprint == "abc"
+        assert clf.meta.metrics == {"a": 1}
+        assert clf.meta.text_version == TEXT_VERSION
+        assert clf.meta.filterd_version == filterd.__version__
+        assert clf.meta.created_at
+        texts = [t for _, t in sms_lines[:5]]
+        with torch.no_grad():
+            for a, b in zip(
+                clf.model.state_dict().values(), tiny_model.state_dict().values(), strict=True
+            ):
+                assert torch.equal(a, b)
+        scores = clf.score_texts(texts)
+        assert all(0.0 <= s <= 1.0 for s in scores)
+        assert clf.score_message(b"Subject: hi\n\nhello there") == pytest.approx(
+            clf.score_texts(["Subject: hi\n\nhello there"])[0]
+        )
+
+
+def test_save_replaces_atomically(tmp_path, tiny_model):
+    target = tmp_path / FILENAME
+    save_checkpoint(target, tiny_model, _meta(tiny_model, threshold=0.1))
+    save_checkpoint(target, tiny_model, _meta(tiny_model, threshold=0.2))
+    assert load_checkpoint(target)[1].threshold == 0.2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FILENAME]
+
+
+@pytest.mark.parametrize("cut", [0, 5, 100, -1000, -1])
+def test_truncated_file_is_rejected(tmp_path, tiny_model, cut):
+    path = save_checkpoint(tmp_path, tiny_model, _meta(tiny_model))
+    blob = path.read_bytes()
+    path.write_bytes(blob[:cut] if cut else b"")
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_checkpoint(path)
+
+
+def test_flipped_tensor_byte_is_rejected(tmp_path, tiny_model):
+    path = save_checkpoint(tmp_path, tiny_model, _meta(tiny_model))
+    blob = bytearray(path.read_bytes())
+    blob[-100] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def test_plain_weights_file_is_not_a_checkpoint(tmp_path, tiny_model):
+    save_file(tiny_model.state_dict(), tmp_path / FILENAME)
+    with pytest.raises(CheckpointError, match="not a filterd checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"config": {"n_layer": 3, "n_head": 2, "n_embd": 64, "n_positions": 512}}, "match"),
+        ({"config": {"n_layer": 2, "n_head": 3, "n_embd": 64, "n_positions": 512}}, "architecture"),
+        ({"text_version": TEXT_VERSION + 1}, "text extraction"),
+        ({"tokenizer": "cl100k"}, "tokenizer"),
+        ({"labels": ["spam", "ham"]}, "labels"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"max_tokens": 100_000}, "max_tokens"),
+        ({"format": "other/9"}, "format"),
+        ({"surprise": 1}, "bad filterd metadata"),
+    ],
+)
+def test_mismatched_metadata_is_rejected(tmp_path, tiny_model, change, message):
+    path = save_checkpoint(tmp_path, tiny_model, _meta(tiny_model))
+    _rewrite_meta(path, **change)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
