@@ -125,6 +125,21 @@ def load_checkpoint(
     return model.to(device).eval(), meta
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether path holds filterd metadata (as opposed to plain pretrained weights)."""
+    target = checkpoint_path(path)
+    try:
+        with open(target, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            size = struct.unpack("<Q", head)[0]
+            header = json.loads(f.read(min(size, 100_000_000)))
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and _META_KEY in (header.get("__metadata__") or {})
+
+
 def _header(blob: bytes, target: Path) -> dict:
     if len(blob) < 8:
         raise CheckpointError(f"{target}: truncated ({len(blob)} bytes): not a checkpoint")

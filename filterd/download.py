@@ -24,6 +24,14 @@ class ChecksumError(OSError):
     """The bytes that arrived are not the ones expected."""
 
 
+def cache_dir() -> Path:
+    """Where downloads live: $FILTERD_CACHE, else $XDG_CACHE_HOME/filterd, else ~/.cache."""
+    if os.environ.get("FILTERD_CACHE"):
+        return Path(os.environ["FILTERD_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "filterd"
+
+
 def fetch(url: str, target: Path, sha256: str | None = None) -> Path:
     """Download url to target; without sha256, a hub etag that is one is checked."""
     request = urllib.request.Request(url, headers={"User-Agent": "filterd"})

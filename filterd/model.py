@@ -70,6 +70,15 @@ def architecture(name: str) -> GPTConfig:
         raise ValueError(f"unknown architecture {name!r}; known: {known}") from None
 
 
+def architecture_name(config: GPTConfig) -> str:
+    """The named architecture this config has, or "custom"."""
+    shape = (config.n_layer, config.n_head, config.n_embd, config.vocab_size)
+    for name, known in ARCHITECTURES.items():
+        if (known.n_layer, known.n_head, known.n_embd, known.vocab_size) == shape:
+            return name
+    return "custom"
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -152,16 +161,38 @@ class GPT2Classifier(nn.Module):
         return x
 
     def classify(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Logits from each sequence's last real token (lengths count real tokens)."""
-        last = x[torch.arange(x.shape[0], device=x.device), lengths - 1]
-        return self.score(self.ln_f(last))
+        """Logits from the output of all blocks but the last (lengths count real tokens).
+
+        Only each sequence's last real token is read, so the last block computes keys and
+        values for every position but queries, attention output and MLP for that one
+        token alone: the same logits as the full block for a fraction of its work.
+        """
+        block, attn = self.h[-1], self.h[-1].attn
+        B, T, C = x.shape
+        H = attn.n_head
+        rows, last = torch.arange(B, device=x.device), lengths - 1
+        h = block.ln_1(x)
+        w, b = attn.c_attn.weight, attn.c_attn.bias
+        k, v = F.linear(h, w[C:], b[C:]).split(C, dim=2)
+        q = F.linear(h[rows, last], w[:C], b[:C])
+        q = q.view(B, 1, H, C // H).transpose(1, 2)
+        k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (k, v))
+        visible = torch.arange(T, device=x.device)[None, :] <= last[:, None]
+        p = attn.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=visible[:, None, None, :], dropout_p=p
+        )
+        y = x[rows, last] + attn.resid_dropout(attn.c_proj(y.reshape(B, C)))
+        y = y + block.mlp(block.ln_2(y))
+        return self.score(self.ln_f(y))
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states of every position, as GPT-2 reference code returns them."""
         return self.ln_f(self.run_blocks(self.embed(input_ids)))
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.run_blocks(self.embed(input_ids)), lengths)
+        x = self.run_blocks(self.embed(input_ids), 0, self.config.n_layer - 1)
+        return self.classify(x, lengths)
 
 
 def pad_batch(

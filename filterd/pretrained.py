@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from filterd.download import ChecksumError, fetch
+from filterd.download import ChecksumError, cache_dir, fetch
 from filterd.model import ARCHITECTURES, GPT2Classifier, GPTConfig
 
 HUB_URL = os.environ.get("FILTERD_HUB_URL", "https://huggingface.co")
@@ -35,13 +35,6 @@ _SKIP = re.compile(r"(^lm_head\.|\.attn\.bias$|\.attn\.masked_bias$)")
 
 class PretrainedError(RuntimeError):
     """The weights cannot be had or do not fit; the message says what to do."""
-
-
-def cache_dir() -> Path:
-    if "FILTERD_CACHE" in os.environ:
-        return Path(os.environ["FILTERD_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "filterd"
 
 
 def load_pretrained(source: str | os.PathLike, n_classes: int = 2) -> GPT2Classifier:

@@ -1,0 +1,149 @@
+import json
+
+import pytest
+import torch
+
+import filterd
+from filterd.model import GPT2Classifier, architecture
+from filterd.tokenizer import encode
+from tests.conftest import SMS_FILE
+from trainer import cli
+from trainer.metrics import binary_metrics, choose_threshold, roc_auc
+from trainer.train import Settings, set_trainable, train
+
+
+def _tokens(sms_lines, n):
+    rows = sms_lines[:n]
+    return [encode(t, 64) for _, t in rows], [int(label == "spam") for label, _ in rows]
+
+
+@pytest.mark.parametrize("arch", ["gpt2-tiny", "gpt2-mini"])
+def test_cached_frozen_blocks_give_the_same_losses_as_recomputing(arch, sms_lines):
+    tokens, labels = _tokens(sms_lines, 48)
+    losses = []
+    for cache in (True, False):
+        torch.manual_seed(0)
+        model = GPT2Classifier(architecture(arch))
+        settings = Settings(epochs=2, trainable=1, cache_frozen=cache, lr=1e-3)
+        history = train(model, tokens, labels, tokens[:8], labels[:8], settings, max_steps=8)
+        losses.append(history.step_losses)
+    assert len(losses[0]) == 8
+    assert max(abs(a - b) for a, b in zip(*losses, strict=True)) <= 1e-5
+    assert losses[0][0] != losses[0][-1]  # it really trained
+
+
+def test_only_the_last_blocks_norm_and_head_train(sms_lines):
+    tokens, labels = _tokens(sms_lines, 24)
+    torch.manual_seed(0)
+    model = GPT2Classifier(architecture("gpt2-mini"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, tokens, labels, tokens[:4], labels[:4], Settings(epochs=1, trainable=2, lr=1e-3))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed
+    assert all(k.startswith(("h.2.", "h.3.", "ln_f.", "score.")) for k in changed)
+    assert any(k.startswith("h.2.") for k in changed)
+    with pytest.raises(ValueError, match="has 4 blocks"):
+        set_trainable(model, 5)
+
+
+def test_threshold_respects_the_false_positive_bound():
+    probs = [0.1, 0.2, 0.3, 0.6, 0.65, 0.7, 0.8, 0.9]
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]
+    t = choose_threshold(probs, labels, max_fpr=0.0)
+    assert 0.6 < t <= 0.65
+    assert binary_metrics(probs, labels, t)["false_positives"] == 0
+    loose = choose_threshold(probs, labels, max_fpr=0.5)
+    assert binary_metrics(probs, labels, loose)["accuracy"] == 1.0
+    assert roc_auc(probs, labels) == 1.0
+    assert roc_auc([0.5, 0.5], [0, 1]) == 0.5
+
+
+def test_metrics_counts():
+    m = binary_metrics([0.9, 0.8, 0.2, 0.6], [1, 0, 1, 0], threshold=0.7)
+    assert (m["false_positives"], m["false_negatives"], m["n"]) == (1, 1, 4)
+    assert m["accuracy"] == 0.5
+    assert m["accuracy_argmax"] == 0.25
+
+
+@pytest.fixture(scope="module")
+def sms_slice(tmp_path_factory, sms_lines):
+    """120 ham and 120 spam lines of the real collection."""
+    ham = [t for label, t in sms_lines if label == "ham"][:120]
+    spam = [t for label, t in sms_lines if label == "spam"][:120]
+    path = tmp_path_factory.mktemp("sms") / "SMSSlice"
+    path.write_text("".join(f"ham\t{t}\n" for t in ham) + "".join(f"spam\t{t}\n" for t in spam))
+    return path
+
+
+def test_end_to_end_tiny_run_writes_a_checkpoint_filterd_loads(tmp_path, sms_slice, capsys):
+    out = tmp_path / "run"
+    args = ["--sms", str(sms_slice), "--init", "random", "--arch", "gpt2-tiny"]
+    code = cli.main([*args, "--out", str(out), "--epochs", "2", "--lr", "3e-3", "--plot"])
+    assert code == 0
+    assert {p.name for p in out.iterdir()} >= {
+        "model.safetensors",
+        "metrics.json",
+        "split.jsonl",
+        "loss.png",
+        "accuracy.png",
+        "roc.png",
+    }
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["arch"] == "gpt2-tiny" and metrics["epochs"] == 2
+    assert set(metrics["test"]) >= {"n", "accuracy", "accuracy_argmax", "roc_auc", "f1"}
+    assert metrics["counts"]["read"] == 240
+    splits = [json.loads(line) for line in (out / "split.jsonl").read_text().splitlines()]
+    assert sum(r["split"] == "test" for r in splits) == metrics["test"]["n"]
+
+    clf = filterd.load_classifier(out)
+    assert clf.threshold == metrics["threshold"]
+    assert clf.meta.data_fingerprint
+    p = clf.score_texts(["Free entry! Text WIN to 80086 now", "ok see you later"])
+    assert all(0.0 <= x <= 1.0 for x in p)
+
+    capsys.readouterr()
+    assert cli.main(["--evaluate", str(out), "--split", str(out / "split.jsonl"), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["n"] == metrics["test"]["n"]
+    assert evaluated["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert evaluated["false_positives"] == metrics["test"]["false_positives"]
+
+
+def test_retraining_from_a_checkpoint(tmp_path, sms_slice):
+    first, second = tmp_path / "a", tmp_path / "b"
+    base = ["--sms", str(sms_slice), "--epochs", "1"]
+    assert cli.main([*base, "--init", "random", "--arch", "gpt2-tiny", "--out", str(first)]) == 0
+    assert cli.main([*base, "--init", str(first), "--out", str(second), "--max-tokens", "48"]) == 0
+    metrics = json.loads((second / "metrics.json").read_text())
+    assert metrics["settings"]["trainable"] == "last-2"
+    assert filterd.load_classifier(second).meta.max_tokens == 48
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--init", "random", "--out", "x"], "give one data source"),
+        (["--ham", "/nonexistent", "--out", "x", "--init", "random"], "--ham and --spam"),
+        (["--sms", str(SMS_FILE), "--init", "random"], "--out DIR is required"),
+        (
+            ["--sms", str(SMS_FILE), "--init", "random", "--out", "x", "--trainable", "some"],
+            "last-N",
+        ),
+        (["--sms", str(SMS_FILE), "--init", "/no/such/weights", "--out", "x"], "neither a file"),
+    ],
+)
+def test_cli_errors_are_clear(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_missing_pretrained_weights_never_fall_back_silently(tmp_path, monkeypatch, capsys):
+    from filterd import pretrained
+
+    monkeypatch.setattr(pretrained, "HUB_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("FILTERD_CACHE", str(tmp_path))
+    argv = ["--sms", str(SMS_FILE), "--init", "gpt2", "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
+    assert "could not download gpt2" in capsys.readouterr().err.replace("\n", " ")
+    assert not (tmp_path / "o").exists()
