@@ -1,7 +1,21 @@
 """filterd: a local, private spam filter built on a GPT-2 classifier."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+__all__ = ["Classifier", "__version__", "load_classifier"]
 
-from filterd.classifier import Classifier, load_classifier  # noqa: E402
+if TYPE_CHECKING:
+    from filterd.classifier import Classifier, load_classifier
 
-__all__ = ["Classifier", "load_classifier", "__version__"]
+
+def __getattr__(name: str):
+    # Lazy: importing torch takes seconds, and `filterd --help` or a config error
+    # should not wait for it.
+    if name in ("Classifier", "load_classifier"):
+        from filterd import classifier
+
+        return getattr(classifier, name)
+    raise AttributeError(f"module 'filterd' has no attribute {name!r}")

@@ -6,16 +6,23 @@ the two in step. Unknown keys are errors, so a typo never silently means a defau
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from filterd.message import TextLimits
 
 DEFAULT_PATH = Path("/etc/filterd/config.yaml")
+
+
+def state_dir() -> Path:
+    """Where filterd keeps its secret and quarantine by default: per user, no root needed."""
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "filterd"
 
 
 class ConfigError(ValueError):
@@ -38,10 +45,82 @@ class Limits(_Section):
         return TextLimits(**self.model_dump())
 
 
+_Probability = Field(None, ge=0.0, le=1.0)
+
+
+class Scoring(_Section):
+    """Thresholds on the spam probability and how verdicts are waited for."""
+
+    threshold: float | None = _Probability  # None: the checkpoint's own threshold
+    quarantine_threshold: float | None = _Probability  # None: never quarantine
+    reject_threshold: float | None = _Probability  # None: never reject
+    failure_policy: Literal["fail_open", "tempfail"] = "fail_open"
+    timeout_seconds: float = Field(30.0, gt=0)
+    batch_wait_ms: float = Field(20.0, ge=0, le=1000)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Scoring:
+        self.check_order(self.threshold)
+        return self
+
+    def check_order(self, spam: float | None) -> None:
+        """spam <= quarantine <= reject among those set; raises ValueError naming the key."""
+        named = [
+            ("threshold", spam),
+            ("quarantine_threshold", self.quarantine_threshold),
+            ("reject_threshold", self.reject_threshold),
+        ]
+        named = [(k, v) for k, v in named if v is not None]
+        for (lo_key, lo), (hi_key, hi) in itertools.pairwise(named):
+            if lo > hi:
+                raise ValueError(f"{hi_key} ({hi}) must be >= {lo_key} ({lo})")
+
+
+class Headers(_Section):
+    """The X-Spam-* headers written by `filterd score --tag` and the daemon."""
+
+    prefix: str = Field("X-Spam-", pattern=r"^[!-9;-~]+$")
+    subject_prefix: str = ""  # e.g. "[SPAM] "; off by default: it breaks DKIM signatures
+    secret_file: Path | None = None  # None: <state dir>/secret, created on first use
+
+    def secret_path(self) -> Path:
+        return (self.secret_file or state_dir() / "secret").expanduser()
+
+
+class Quarantine(_Section):
+    """The quarantine Maildir and how long it keeps messages."""
+
+    path: Path | None = None  # None: <state dir>/quarantine
+    retention_days: float = Field(30.0, gt=0)
+
+    def store_path(self) -> Path:
+        return (self.path or state_dir() / "quarantine").expanduser()
+
+
+class Relay(_Section):
+    """The next-hop SMTP server that released (and, with the daemon, filtered) mail goes to."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(10026, ge=1, le=65535)
+    timeout_seconds: float = Field(30.0, gt=0)
+
+
+class PluginChoice(_Section):
+    """A plugin picked by its entry-point name; it validates its own options."""
+
+    name: str
+    options: dict[str, Any] = {}
+
+
 class Config(_Section):
     checkpoint: Path | None = None
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     limits: Limits = Limits()
+    scoring: Scoring = Scoring()
+    headers: Headers = Headers()
+    quarantine: Quarantine = Quarantine()
+    relay: Relay = Relay()
+    checks: list[PluginChoice] = []
 
 
 def load_config(path: str | os.PathLike | None = None) -> Config:
@@ -62,6 +141,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         return Config.model_validate(data)
     except ValidationError as e:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+            for err in e.errors()
         )
         raise ConfigError(f"{target}: {problems}") from e

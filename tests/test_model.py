@@ -68,3 +68,16 @@ def test_too_long_sequence_is_a_clear_error(tiny_model):
     ids = torch.zeros((1, 513), dtype=torch.long)
     with pytest.raises(ValueError, match="n_positions"):
         tiny_model(ids, torch.tensor([513]))
+
+
+@pytest.mark.parametrize("arch", ["gpt2-tiny", "gpt2-mini"])
+def test_last_token_shortcut_matches_the_full_last_block(arch, sms_lines):
+    torch.manual_seed(2)
+    model = GPT2Classifier(architecture(arch)).eval()
+    tokens = [encode(t, 128) for _, t in sms_lines[20:30]]
+    ids, lengths = pad_batch(tokens, ENDOFTEXT)
+    with torch.no_grad():
+        full = model.hidden_states(ids)[torch.arange(len(tokens)), lengths - 1]
+        reference = model.score(full)
+        got = model(ids, lengths)
+    assert (got - reference).abs().max().item() <= 1e-5

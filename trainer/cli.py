@@ -161,6 +161,12 @@ def run_training(args: argparse.Namespace) -> int:
             on_step=lambda epoch, step, loss: progress.update(
                 task, completed=step, epoch=f"{epoch + 1}/{settings.epochs}", loss=loss
             ),
+            on_epoch=lambda epoch, h: progress.console.print(
+                f"epoch {epoch + 1}: train loss {h.train_loss[-1]:.4f} acc "
+                f"{h.train_accuracy[-1]:.4f}, val loss {h.val_loss[-1]:.4f} acc "
+                f"{h.val_accuracy[-1]:.4f}, {time.monotonic() - started:.0f} s",
+                highlight=False,
+            ),
         )
     train_seconds = time.monotonic() - started
     first = set_trainable(model, settings.trainable)

@@ -152,11 +152,12 @@ def train(
     settings: Settings,
     on_step: Callable[[int, int, float], None] | None = None,
     max_steps: int | None = None,
+    on_epoch: Callable[[int, History], None] | None = None,
 ) -> History:
     """AdamW over the trainable parameters; returns per-epoch and per-step losses.
 
-    `on_step(epoch, step, loss)` lets a caller draw progress; `max_steps` stops early
-    (for tests that compare a few steps).
+    `on_step(epoch, step, loss)` and `on_epoch(epoch, history)` let a caller show
+    progress; `max_steps` stops early (for tests that compare a few steps).
     """
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
@@ -194,5 +195,7 @@ def train(
         history.val_loss.append(_mean_loss(val_probs, val_labels))
         history.train_accuracy.append(_accuracy(train_probs, train_labels))
         history.val_accuracy.append(_accuracy(val_probs, val_labels))
+        if on_epoch:
+            on_epoch(epoch, history)
     model.eval()
     return history

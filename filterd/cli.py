@@ -1,0 +1,307 @@
+"""`filterd`: score mail from stdin or files, tag it in a pipe, manage the quarantine.
+
+stdout carries only results (verdict lines, JSON, the tagged message); progress, summaries
+and diagnostics go to stderr, so filterd fits in pipes and delivery agents. Heavy imports
+(the engine, hence torch) wait until a command needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from filterd.config import DEFAULT_PATH, Config, ConfigError, load_config
+
+# Exit statuses (README "Exit codes" lists them for users).
+EX_HAM, EX_SPAM = 0, 1  # `filterd score` of one message, plain output (like spamc -c)
+EX_CONFIG = 2  # bad arguments or configuration (argparse uses 2 too)
+EX_CHECKPOINT = 3  # the checkpoint cannot be loaded
+EX_SOME_FAILED = 4  # some messages could not be read or scored; the rest were reported
+EX_QUARANTINE = 5  # a quarantine request failed (bad ID, no such message, release refused)
+EX_TEMPFAIL = 75  # --tag under the tempfail policy: nothing written, retry later
+
+_CHUNK = 256  # messages read and scored at a time over a folder: bounded memory
+
+
+def _err(message: str) -> None:
+    print(f"filterd: {message}", file=sys.stderr)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def _engine(args: argparse.Namespace, config: Config):  # -> Engine, imported lazily
+    from filterd.engine import Engine
+
+    return Engine.from_config(config, args.checkpoint)
+
+
+# --- score --------------------------------------------------------------------------------
+
+
+def _files(paths: list[Path]) -> Iterator[Path]:
+    """Each file named, and every file under each folder named (sorted, dotfiles skipped)."""
+    for path in paths:
+        if path.is_dir():
+            for p in sorted(path.rglob("*")):
+                if p.is_file() and not any(
+                    part.startswith(".") for part in p.relative_to(path).parts
+                ):
+                    yield p
+        else:
+            yield path
+
+
+def _line(path: str | None, verdict=None, error: str | None = None, as_json: bool = False) -> str:
+    if as_json:
+        record: dict = {} if path is None else {"path": path}
+        if error is not None:
+            record["error"] = error
+        else:
+            record |= {
+                "label": verdict.label,
+                "probability": verdict.probability,
+                "threshold": verdict.threshold,
+            }
+            if verdict.decided_by != "model":
+                record |= {"decided_by": verdict.decided_by, "reason": verdict.reason}
+        return json.dumps(record)
+    if error is not None:
+        return f"error {error} {path or '-'}"
+    p = "-" if verdict.probability is None else f"{verdict.probability:.4f}"
+    return f"{verdict.label} {p} {path or '-'}"
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    if args.tag:
+        return _score_tag(args)
+    try:
+        config = _config(args)
+        engine = _engine(args, config)
+    except ConfigError as e:
+        _err(str(e))
+        return EX_CONFIG
+    except Exception as e:  # CheckpointError, a bad secret file, ...
+        _err(str(e))
+        return EX_CHECKPOINT
+    from filterd.mail import Mail
+
+    if not args.paths:
+        verdict = engine.verdicts([Mail(sys.stdin.buffer.read(), origin="-")])[0]
+        print(_line(None, verdict, as_json=args.json), flush=True)
+        return EX_SPAM if verdict.is_spam and not args.json else EX_HAM
+
+    files = list(_files(args.paths))
+    counts = {"spam": 0, "ham": 0, "error": 0}
+    start = time.perf_counter()
+    with _Progress(len(files)) as advance:
+        for i in range(0, len(files), _CHUNK):
+            mails, lines = [], {}
+            for n, path in enumerate(files[i : i + _CHUNK]):
+                try:
+                    mails.append((n, Mail(path.read_bytes(), origin=str(path))))
+                except OSError as e:
+                    lines[n] = _line(str(path), error=e.strerror or str(e), as_json=args.json)
+                    counts["error"] += 1
+            for (n, mail), verdict in zip(
+                mails, engine.verdicts([m for _, m in mails]), strict=True
+            ):
+                lines[n] = _line(mail.origin, verdict, as_json=args.json)
+                counts[verdict.label] += 1
+            sys.stdout.write("".join(lines[n] + "\n" for n in sorted(lines)))
+            sys.stdout.flush()
+            advance(len(lines))
+    elapsed = time.perf_counter() - start
+    total = len(files)
+    if total > 1:
+        print(
+            f"{total} messages: {counts['spam']} spam, {counts['ham']} ham, "
+            f"{counts['error']} errors in {elapsed:.1f} s "
+            f"({total / max(elapsed, 1e-9):.1f} msgs/s)",
+            file=sys.stderr,
+        )
+    if counts["error"]:
+        return EX_SOME_FAILED
+    if total == 1 and not args.json:
+        return EX_SPAM if counts["spam"] else EX_HAM
+    return EX_HAM
+
+
+class _Progress:
+    """A rich progress bar on stderr when it is a terminal; nothing otherwise."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.bar = None
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import MofNCompleteColumn, Progress
+
+        console = Console(file=sys.stderr)
+        if console.is_terminal and self.total > 1:
+            self.bar = Progress(
+                *Progress.get_default_columns(), MofNCompleteColumn(), console=console
+            )
+            self.bar.start()
+            task = self.bar.add_task("scoring", total=self.total)
+            return lambda n: self.bar.update(task, advance=n)
+        return lambda n: None
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _score_tag(args: argparse.Namespace) -> int:
+    """The pipe filter: the whole message out with headers added, or exit 75 under tempfail."""
+    from filterd import plugins
+    from filterd.config import PluginChoice
+    from filterd.engine import failure
+    from filterd.headers import Tagger, load_secret
+
+    if args.paths:
+        _err("--tag reads one message from stdin; it takes no FILE arguments")
+        return EX_CONFIG
+    config = Config()
+    try:
+        config = _config(args)
+        engine = _engine(args, config)
+        handle = functools.partial(engine.handle, tag_only=True)
+    except Exception as e:
+        why = f"{type(e).__name__}: {e}"
+        _err(f"not scoring: {why}")
+        headers = config.headers
+        try:
+            tagger = Tagger(load_secret(headers.secret_path()), headers.prefix)
+        except Exception:
+            tagger = Tagger(None, headers.prefix)
+
+        async def handle(mail):
+            return failure(mail, why, config.scoring.failure_policy, tagger)
+
+    source = plugins.load("sources", PluginChoice(name="stdin"), "sources.stdin", config)
+    return asyncio.run(source.run(handle))
+
+
+# --- check --------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config, checkpoint, plugins and secret; report what is wrong."""
+    try:
+        config = _config(args)
+        engine = _engine(args, config)
+    except ConfigError as e:
+        _err(str(e))
+        return EX_CONFIG
+    except Exception as e:
+        _err(str(e))
+        return EX_CHECKPOINT
+    clf = engine.classifier
+    print(f"config: {args.config or (DEFAULT_PATH if DEFAULT_PATH.exists() else 'defaults')}")
+    path = args.checkpoint or config.checkpoint
+    print(f"checkpoint: {path} ({clf.name}, threshold {engine.threshold_of(clf)})")
+    print(f"checks: {', '.join(c.name for c in engine.checks) or 'none'}")
+    print(f"secret: {config.headers.secret_path()}")
+    print(f"quarantine: {config.quarantine.store_path()}")
+    print("ok")
+    return 0
+
+
+# --- quarantine ---------------------------------------------------------------------------
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from filterd.quarantine import QuarantineError, Store
+
+    try:
+        config = _config(args)
+    except ConfigError as e:
+        _err(str(e))
+        return EX_CONFIG
+    q = config.quarantine
+    store = Store(q.store_path(), q.retention_days)
+    try:
+        if args.action == "list":
+            for e in store.list():
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
+                p = "-" if e.probability is None else f"{e.probability:.4f}"
+                rcpts = ",".join(e.rcpt_tos) or "-"
+                print(f"{e.id}\t{when}\t{p}\t{e.mail_from or '-'}\t{rcpts}\t{e.reason}")
+        elif args.action == "show":
+            e = store.get(args.id)
+            for key, value in vars(e).items():
+                print(f"{key}: {value}")
+        elif args.action == "release":
+            if args.to:
+                print(store.release_to_maildir(args.id, args.to))
+            elif args.smtp:
+                r = config.relay
+                store.release_smtp(args.id, r.host, r.port, r.timeout_seconds)
+                print(f"released {args.id} to {r.host}:{r.port}")
+            else:  # stdout cannot confirm it kept the message, so the store keeps it too
+                sys.stdout.buffer.write(store.read(args.id))
+                sys.stdout.flush()
+        elif args.action == "delete":
+            store.delete(args.id)
+        else:
+            for qid in store.expire():
+                print(qid)
+    except (QuarantineError, OSError) as e:
+        _err(str(e))
+        return EX_QUARANTINE
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="filterd", description="A local, private spam filter.")
+    sub = top.add_subparsers(dest="command", required=True)
+    config_help = f"config file (default {DEFAULT_PATH} if it exists, else built-in defaults)"
+
+    score = sub.add_parser("score", help="score messages from stdin, files or folders")
+    score.add_argument("paths", nargs="*", type=Path, metavar="FILE|DIR")
+    score.add_argument("--checkpoint", type=Path, help="overrides the config's checkpoint")
+    score.add_argument("--config", type=Path, help=config_help)
+    score.add_argument("--json", action="store_true", help="one JSON object per message")
+    score.add_argument("--tag", action="store_true", help="stdin to stdout with headers added")
+    score.set_defaults(run=cmd_score)
+
+    check = sub.add_parser("check", help="validate the config and the checkpoint")
+    check.add_argument("--checkpoint", type=Path, help="overrides the config's checkpoint")
+    check.add_argument("--config", type=Path, help=config_help)
+    check.set_defaults(run=cmd_check)
+
+    quarantine = sub.add_parser("quarantine", help="list, show, release, delete, expire")
+    quarantine.add_argument("--config", type=Path, help=config_help)
+    actions = quarantine.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="held messages, oldest first")
+    for name, text in (("show", "details of one message"), ("delete", "delete one message")):
+        actions.add_parser(name, help=text).add_argument("id")
+    release = actions.add_parser("release", help="to stdout (kept), a Maildir or the relay")
+    release.add_argument("id")
+    where = release.add_mutually_exclusive_group()
+    where.add_argument("--to", type=Path, metavar="MAILDIR", help="deliver into this Maildir")
+    where.add_argument("--smtp", action="store_true", help="re-inject to the configured relay")
+    actions.add_parser("expire", help="delete what is older than quarantine.retention_days")
+    quarantine.set_defaults(run=cmd_quarantine)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The scoring engine: one loaded model, thresholds and checks, for every way mail comes in.
+
+`verdicts()` scores a list at once (the CLI). `verdict()` is for asyncio servers: each
+call joins a queue, arrivals within `scoring.batch_wait_ms` share one micro-batch, and the
+model runs in a single worker thread so the event loop never waits on it. A caller waits
+at most `scoring.timeout_seconds` and then gets ScoringTimeout, which it maps onto its
+failure policy (`failure()`). `swap()` replaces the model between batches, for reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from filterd import plugins
+from filterd.checkpoint import checkpoint_path
+from filterd.classifier import MAX_BATCH, Classifier, load_classifier
+from filterd.config import Config, ConfigError, PluginChoice
+from filterd.headers import Tagger, load_secret
+from filterd.mail import Mail
+from filterd.plugins import Action, Check, Decision, Outcome
+from filterd.quarantine import Store
+from filterd.verdict import Verdict, action_for
+
+ACTIONS = ("tag", "quarantine", "reject")
+
+
+class ScoringTimeout(TimeoutError):
+    """No verdict came within scoring.timeout_seconds."""
+
+
+class Engine:
+    def __init__(
+        self,
+        classifier: Classifier,
+        config: Config | None = None,
+        tagger: Tagger | None = None,
+        checks: Sequence[Check] = (),
+        actions: dict[str, Action] | None = None,
+    ):
+        config = config or Config()
+        self.config = config
+        self.tagger = tagger or Tagger(None, config.headers.prefix, config.headers.subject_prefix)
+        self.checks = list(checks)
+        self.actions = actions or {}
+        self._classifier = self._checked(classifier)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="filterd-model")
+        self._pending: list[tuple[Mail, asyncio.Future, float]] = []
+        self._batcher: asyncio.Task | None = None
+        self._full: asyncio.Event | None = None
+        self._store: Store | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, checkpoint: Path | None = None) -> Engine:
+        """Load checkpoint (else config's), plugins and secret; errors name the setting."""
+        path = checkpoint or config.checkpoint
+        if path is None:
+            raise ConfigError("checkpoint: not set (pass --checkpoint or set it in the config)")
+        if not checkpoint_path(path).is_file():
+            raise ConfigError(f"checkpoint: {checkpoint_path(path)}: no such file")
+        checks = [
+            plugins.load("checks", choice, f"checks[{i}]", config)
+            for i, choice in enumerate(config.checks)
+        ]
+        actions = {
+            name: plugins.load("actions", PluginChoice(name=name), f"actions.{name}", config)
+            for name in ACTIONS
+        }
+        headers = config.headers
+        tagger = Tagger(load_secret(headers.secret_path()), headers.prefix, headers.subject_prefix)
+        device = config.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        clf = load_classifier(path, device, config.limits.text_limits())
+        return cls(clf, config, tagger, checks, actions)
+
+    # --- the model ---------------------------------------------------------------------
+
+    @property
+    def classifier(self) -> Classifier:
+        return self._classifier
+
+    def _checked(self, classifier: Classifier) -> Classifier:
+        try:
+            self.config.scoring.check_order(self.threshold_of(classifier))
+        except ValueError as e:
+            raise ConfigError(f"scoring: {e} (threshold from the checkpoint)") from e
+        return classifier
+
+    def threshold_of(self, classifier: Classifier) -> float:
+        configured = self.config.scoring.threshold
+        return classifier.threshold if configured is None else configured
+
+    def swap(self, classifier: Classifier) -> None:
+        """Use another model from the next batch on; refused if it breaks the thresholds."""
+        self._classifier = self._checked(classifier)
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            q = self.config.quarantine
+            self._store = Store(q.store_path(), q.retention_days)
+        return self._store
+
+    # --- deciding ----------------------------------------------------------------------
+
+    def verdicts(self, mails: Sequence[Mail]) -> list[Verdict]:
+        """Verdicts for a list of messages, scored in length-bucketed micro-batches."""
+        clf = self._classifier  # one model for the whole list, even across a swap
+        threshold = self.threshold_of(clf)
+        scoring = self.config.scoring
+        out: list[Verdict | None] = []
+        for mail in mails:
+            previous = self.tagger.previous(mail.raw)
+            if previous is not None:
+                spam, p = previous
+                out.append(Verdict(p, spam, "tag", threshold, clf.name, "marker", "already scored"))
+            else:
+                out.append(self._run_checks("pre", mail, None, threshold, clf.name))
+        todo = [i for i, v in enumerate(out) if v is None]
+        probabilities = clf.score_messages([mails[i].raw for i in todo])
+        for i, p in zip(todo, probabilities, strict=True):
+            action = action_for(p, scoring.quarantine_threshold, scoring.reject_threshold)
+            verdict = Verdict(p, p >= threshold, action, threshold, clf.name)
+            out[i] = self._run_checks("post", mails[i], verdict, threshold, clf.name) or verdict
+        return out  # type: ignore[return-value]
+
+    def _run_checks(
+        self, stage: str, mail: Mail, verdict: Verdict | None, threshold: float, model: str
+    ) -> Verdict | None:
+        for check in self.checks:
+            if check.stage == stage:
+                decision: Decision | None = check.check(mail, verdict)
+                if decision is not None:
+                    return Verdict(
+                        None,
+                        decision.is_spam,
+                        decision.action,
+                        threshold,
+                        model,
+                        f"check:{check.name}",
+                        decision.reason,
+                    )
+        return None
+
+    async def verdict(self, mail: Mail) -> Verdict:
+        """One message's verdict, batched with whatever else arrives meanwhile."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Verdict] = loop.create_future()
+        self._pending.append((mail, future, loop.time()))
+        if self._batcher is None or self._batcher.done():
+            self._full = asyncio.Event()
+            self._batcher = loop.create_task(self._batches(self._full))
+        if len(self._pending) >= MAX_BATCH:
+            self._full.set()
+        timeout = self.config.scoring.timeout_seconds
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:  # wait_for cancelled the future: the batcher skips it
+            raise ScoringTimeout(
+                f"no verdict within {timeout:g} s (scoring.timeout_seconds)"
+            ) from None
+
+    async def _batches(self, full: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        wait = self.config.scoring.batch_wait_ms / 1000
+        while self._pending:
+            # Arrivals that already waited (e.g. while the last batch ran) go at once.
+            remaining = self._pending[0][2] + wait - loop.time()
+            if remaining > 0 and len(self._pending) < MAX_BATCH:
+                full.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(full.wait(), remaining)
+            batch = [p for p in self._pending[:MAX_BATCH] if not p[1].done()]
+            del self._pending[:MAX_BATCH]
+            if not batch:
+                continue
+            mails = [mail for mail, _, _ in batch]
+            try:
+                results = await loop.run_in_executor(self._executor, self.verdicts, mails)
+            except Exception as e:  # the model failed: every waiter learns why
+                for _, future, _ in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            for (_, future, _), verdict in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(verdict)
+
+    # --- acting ------------------------------------------------------------------------
+
+    async def handle(self, mail: Mail, tag_only: bool = False) -> Outcome:
+        """Verdict, then its action (or only tagging); any failure goes to the policy."""
+        try:
+            verdict = await self.verdict(mail)
+            action = self.actions["tag" if tag_only else verdict.action]
+            return await asyncio.to_thread(action.apply, mail, verdict, self)
+        except Exception as e:
+            return self.failure(mail, f"{type(e).__name__}: {e}")
+
+    def failure(self, mail: Mail, why: str) -> Outcome:
+        return failure(mail, why, self.config.scoring.failure_policy, self.tagger)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def failure(mail: Mail, why: str, policy: str, tagger: Tagger) -> Outcome:
+    """fail_open: deliver with one header saying it was not scored; tempfail: retry later."""
+    if policy == "tempfail":
+        return Outcome("tempfail", note=why)
+    return Outcome("deliver", tagger.unscored(mail.raw, why), note=why)

@@ -1,0 +1,35 @@
+"""A message as it was received: its exact bytes plus the SMTP envelope, when there is one.
+
+Checks look at the envelope sender beside the From header, and the quarantine keeps the
+envelope so a released message reaches the recipients it was meant for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import getaddresses
+
+# Headers are read from this much of the message at most: hostile mail costs bounded work.
+_HEAD_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Mail:
+    raw: bytes
+    mail_from: str | None = None  # envelope sender (MAIL FROM); "" is the null sender
+    rcpt_tos: tuple[str, ...] = field(default_factory=tuple)
+    origin: str = ""  # where it came from, for reports: a path, "-" for stdin, a peer
+
+    def header_addresses(self, name: str) -> list[str]:
+        """Lower-cased addresses in the first `name` header (e.g. From), never raising."""
+        head = self.raw[:_HEAD_BYTES]
+        if head.startswith(b"From "):  # mbox separator line
+            head = head[head.find(b"\n") + 1 :] if b"\n" in head else b""
+        try:
+            value = BytesHeaderParser(policy=compat32).parsebytes(head).get(name)
+            pairs = getaddresses([str(value)]) if value is not None else []
+        except Exception:  # a malformed header is no address, not a crash
+            return []
+        return [addr.lower() for _, addr in pairs if "@" in addr]

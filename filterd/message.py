@@ -1,0 +1,648 @@
+"""Turn a raw email (or an SMS) into the text the model reads.
+
+The trainer and the runtime both call this module, so a message is seen the same way when
+it is learned and when it is judged. Anything that would only tell the model *which corpus*
+a mail came from (routing headers, addresses) is left out, and every step is capped so a
+hostile mail costs bounded time and memory.
+
+Bump TEXT_VERSION whenever the output of message_text or normalize_text changes: a model
+trained on one version of the text should not be scored on another.
+"""
+
+from __future__ import annotations
+
+import binascii
+import codecs
+import html as html_lib
+import re
+import unicodedata
+from dataclasses import dataclass
+from email.message import Message
+from html.parser import HTMLParser
+
+TEXT_VERSION: int = 1
+
+
+@dataclass(frozen=True)
+class TextLimits:
+    """Caps on work per message, so hostile mail costs bounded time and memory."""
+
+    max_bytes: int = 2_000_000  # raw bytes parsed; the rest is ignored
+    max_parts: int = 200  # MIME parts walked
+    max_depth: int = 30  # multipart nesting followed
+    max_chars: int = 100_000  # characters of text extracted (keep head 3/4 and tail 1/4 when over)
+
+
+# ---------------------------------------------------------------------------------------------
+# plain text
+
+# Invisible characters that spammers sprinkle inside words to break up tokens the filter
+# would otherwise recognise, plus every C0/C1 control but \t and \n.
+_INVISIBLE = [*range(0x200B, 0x2010), *range(0x2060, 0x2065), 0xFEFF, 0x00AD, 0x034F, 0x180E]
+_INVISIBLE += [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_CONTROLS = [c for c in [*range(0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)]
+_DELETE = dict.fromkeys(_INVISIBLE + _CONTROLS)
+
+_SPACES = re.compile(r"[ \t]+")
+_TRAILING = re.compile(r" +\n")
+_BLANKS = re.compile(r"\n{3,}")
+
+
+def normalize_text(text: str) -> str:
+    """Canonical form of any text, so look-alike tricks and layout noise map to one string.
+
+    NFKC folds fullwidth and other compatibility forms onto plain letters; invisible and
+    control characters go; whitespace is squeezed so layout does not spend model context.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_DELETE)
+    text = unicodedata.normalize("NFKC", text)
+    text = _SPACES.sub(" ", text)
+    text = _TRAILING.sub("\n", text)
+    return _BLANKS.sub("\n\n", text).strip()
+
+
+def _cap(text: str, max_chars: int) -> str:
+    """Keep the head and the tail, so a long harmless preamble can't push the payload out."""
+    if len(text) <= max_chars:
+        return text
+    sep = "\n…\n"
+    head = max_chars * 3 // 4
+    tail = max(max_chars - head - len(sep), 0)
+    return text[:head].rstrip() + sep + (text[-tail:].lstrip() if tail else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# bytes -> str
+
+# Labels whose real-world use is a superset of what they promise.
+_CHARSET_ALIASES = {
+    "us-ascii": "cp1252",
+    "ascii": "cp1252",
+    "iso-8859-1": "cp1252",
+    "latin1": "cp1252",
+    "latin-1": "cp1252",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "ks_c_5601-1987": "cp949",
+    "euc-kr": "cp949",
+}
+# Codecs that are not mail charsets and could be slow or surprising on hostile input.
+_BAD_CODECS = {"idna", "punycode", "raw-unicode-escape", "unicode-escape", "undefined"}
+
+
+def _codec(charset: str | None) -> str | None:
+    """A Python codec name for a MIME charset label, or None if we should not trust it."""
+    if not charset:
+        return None
+    label = charset.strip().strip("\"'").lower()
+    label = _CHARSET_ALIASES.get(label, label)
+    try:
+        name = codecs.lookup(label).name
+    except (LookupError, ValueError, TypeError):
+        return None
+    return None if name in _BAD_CODECS else name
+
+
+def _decode(data: bytes, charset: str | None = None) -> str:
+    """Decode bytes whose label may be missing or lying; never fails.
+
+    Mail labelled latin-1 or ascii is very often UTF-8 in fact, and valid UTF-8 is rarely
+    produced by accident, so UTF-8 is tried before an ASCII-compatible label.
+    """
+    codec = _codec(charset)
+    if codec == "utf-8":
+        codec = None  # failing UTF-8 falls back to Windows-1252, not to U+FFFD everywhere
+    if data.isascii():
+        if codec:
+            try:
+                return data.decode(codec)
+            except (UnicodeDecodeError, LookupError):
+                pass
+        return data.decode("ascii", "replace")
+    wide = codec is not None and codec.startswith(("utf-16", "utf-32"))
+    for name in (codec, "utf-8") if wide else ("utf-8", codec):
+        if name:
+            try:
+                return data.decode(name)
+            except (UnicodeDecodeError, LookupError):
+                pass
+    if codec:
+        try:
+            return data.decode(codec, "replace")
+        except (UnicodeDecodeError, LookupError):
+            pass
+    return data.decode("cp1252", "replace")
+
+
+# Leading lines made only of base64 characters; whatever follows (a list footer appended
+# by a mailing list, say) is plain text and stays as it is.
+_B64_LINES = re.compile(rb"(?:[ \t]*[A-Za-z0-9+/=]*[ \t]*(?:\r?\n|\Z))*")
+_NOT_B64 = re.compile(rb"[^A-Za-z0-9+/]")
+
+
+def _b64(data: bytes) -> bytes:
+    """Lenient base64 that never raises: bad padding is repaired, trailing text kept raw."""
+    end = _B64_LINES.match(data).end()
+    clean = _NOT_B64.sub(b"", data[:end])
+    if not clean:
+        return data  # not base64 at all: the label lied
+    extra = len(clean) % 4
+    if extra == 1:
+        clean = clean[:-1]
+    elif extra:
+        clean += b"=" * (4 - extra)
+    try:
+        decoded = binascii.a2b_base64(clean)
+    except (binascii.Error, ValueError):
+        return data
+    rest = data[end:]
+    return decoded + b"\n" + rest if rest.strip() else decoded
+
+
+def _transfer_decode(body: bytes, cte: str) -> bytes:
+    cte = cte.strip().lower()
+    if cte == "base64":
+        return _b64(body)
+    if cte == "quoted-printable":
+        try:
+            return binascii.a2b_qp(body)
+        except (binascii.Error, ValueError):
+            return body
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
+# headers
+
+# A header block ends at the first line that is neither "Name: value" nor a continuation,
+# the way the stdlib feedparser decides it; one regex keeps it linear.
+_HEADER_BLOCK = re.compile(rb"(?:(?:[\x21-\x39\x3b-\x7e]+:|[ \t])[^\n]*(?:\n|\Z))*")
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")
+_WANTED = re.compile(
+    rb"^(subject|from|content-type|content-disposition|content-transfer-encoding)[ \t]*:(.*)",
+    re.I | re.M,
+)
+_MAX_HEADER = 4096  # bytes kept of a header; the stdlib param parser is quadratic in it
+
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
+
+
+def _split_headers(data: bytes) -> tuple[dict[str, str], bytes]:
+    """Headers we use (first occurrence wins) and the body.
+
+    Only the headers the text needs are kept at all: routing headers such as Received or
+    Delivered-To identify the collection a mail came from, not whether it is spam.
+    """
+    end = _HEADER_BLOCK.match(data).end()
+    block, body = data[:end], data[end:]
+    if body.startswith(b"\r\n"):
+        body = body[2:]
+    elif body.startswith(b"\n"):
+        body = body[1:]
+    headers: dict[str, str] = {}
+    for m in _WANTED.finditer(_FOLD.sub(b"", block)):
+        key = m[1].lower().decode("ascii")
+        if key not in headers:
+            headers[key] = _decode(m[2][:_MAX_HEADER].strip())
+    return headers, body
+
+
+def _decode_words(value: str) -> str:
+    """Decode RFC 2047 encoded words, joining adjacent ones so split multibyte chars survive."""
+    out: list[str] = []
+    run: list[bytes] = []
+    run_charset = None
+    pos = 0
+    for m in _ENCODED_WORD.finditer(value):
+        gap = value[pos : m.start()]
+        charset = m[1].split("*", 1)[0]  # RFC 2231 adds *language
+        joined = bool(run) and (not gap or gap.isspace())  # space between words is dropped
+        if run and not (joined and charset.lower() == run_charset.lower()):
+            out.append(_decode(b"".join(run), run_charset))
+            run = []
+        if not joined:
+            out.append(gap)
+        payload = m[3].encode("latin-1", "replace")
+        run.append(_b64(payload) if m[2] in "bB" else binascii.a2b_qp(payload, header=True))
+        run_charset = charset
+        pos = m.end()
+    if run:
+        out.append(_decode(b"".join(run), run_charset))
+    out.append(value[pos:])
+    return " ".join("".join(out).split())
+
+
+def _display_name(value: str) -> str:
+    """The sender's display name, never the address: addresses name the corpus, not spam."""
+    if "<" in value:
+        name = value[: value.index("<")]
+    elif "(" in value and ")" in value:
+        name = value[value.index("(") + 1 : value.rindex(")")]
+    else:
+        return ""
+    name = _decode_words(name.strip().strip("\"'").replace('\\"', '"'))
+    return " ".join(word for word in name.split() if "@" not in word).strip("\"' ")
+
+
+def _content_info(headers: dict[str, str], default: str) -> Message:
+    """A stdlib Message holding only the MIME headers, for its parameter parsing."""
+    info = Message()
+    info.set_default_type(default)
+    for key in ("content-type", "content-disposition"):
+        if key in headers:
+            info[key] = headers[key]
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param"}
+_VOID |= {"source", "track", "wbr", "keygen"}
+# Block boundaries ask for a line break (_LINE) or a blank line (_PARAGRAPH); adjacent
+# boundaries merge to the largest ask, as rendered margins do, while each <br> adds one.
+_PARAGRAPH = {"p", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol", "dl", "pre", "hr"}
+_PARAGRAPH |= {"blockquote", "center", "form", "address", "fieldset"}
+_LINE = {"div", "tr", "li", "dt", "dd", "section", "article", "header", "footer", "caption"}
+_LINE |= {"body", "html", "main", "nav", "aside", "figure", "option", "legend"}
+_CELL = {"td", "th"}
+_UNSEEN = {"script", "style", "head", "title", "template"}
+_HEAD_ONLY = {"meta", "link", "title", "style", "script", "base", "noscript", "template"}
+# Starting one of these closes an open <p>, as in HTML; otherwise one hidden <p> would
+# hide every paragraph after it.
+_CLOSES_P = _PARAGRAPH | {"div", "li", "section", "article", "header", "footer"}
+_HIDING_STYLE = re.compile(
+    r"display:none|visibility:hidden|font-size:0+(?:\.0*)?(?![0-9.])|opacity:0+(?:\.0*)?(?![0-9.])"
+)
+_WS = re.compile(r"\s+")
+_LINE_MARK, _PARA_MARK = "\ue000", "\ue001"  # private-use stand-ins, removed from data
+_LINE_EDGES = re.compile(r" ?\n ?")
+
+
+class _HTMLText(HTMLParser):
+    """Visible text of an HTML part: what the reader sees, not what the spammer hides.
+
+    Hidden text (display:none, zero font size, ...) is a classic way to feed a filter
+    innocent words, so it is dropped together with everything nested inside it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.pieces: list[str] = []
+        self.stack: list[tuple[str, bool]] = []  # open elements and whether each hides
+        self.open: dict[str, int] = {}  # open count per tag: keeps unmatched end tags O(1)
+        self.hidden = 0  # open elements that hide their content
+        self.pre = 0
+
+    def _hides(self, tag: str, attrs: list[tuple[str, str | None]]) -> bool:
+        if tag in _UNSEEN:
+            return True
+        for name, value in attrs:
+            if name == "hidden":
+                return True
+            if name == "style" and value and _HIDING_STYLE.search(_WS.sub("", value).lower()):
+                return True
+        return False
+
+    def _close(self, tag: str) -> bool | None:
+        """Pop up to and including the nearest open `tag`; unclosed children end with it.
+
+        Returns whether that element hid its content, None if it was not open.
+        """
+        if not self.open.get(tag):
+            return None
+        while self.stack:
+            name, hides = self.stack.pop()
+            self.open[name] -= 1
+            self.hidden -= hides
+            self.pre -= name == "pre"
+            if name == tag:
+                return hides
+        return None
+
+    def _boundary(self, tag: str) -> None:
+        if tag in _PARAGRAPH:
+            self.pieces.append(_PARA_MARK)
+        elif tag in _LINE:
+            self.pieces.append(_LINE_MARK)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.open.get("head") and tag not in _HEAD_ONLY:
+            self._close("head")  # <body> or any content ends an unclosed <head>
+        if tag in _CLOSES_P:
+            self._close("p")
+        if tag == "li":
+            self._close("li")
+        hides = tag not in _VOID and self._hides(tag, attrs)
+        if not self.hidden and not hides:
+            if tag == "br":
+                self.pieces.append("\n")
+            elif tag in _CELL:
+                self.pieces.append(" ")
+            else:
+                self._boundary(tag)
+        if tag in _VOID:
+            return
+        self.stack.append((tag, hides))
+        self.open[tag] = self.open.get(tag, 0) + 1
+        self.hidden += hides
+        self.pre += tag == "pre"
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
+        if tag not in _VOID:
+            self.handle_endtag(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self._close(tag) and not self.hidden:
+            self._boundary(tag)
+
+    def handle_data(self, data: str) -> None:
+        if not self.hidden:
+            data = data.replace(_LINE_MARK, "").replace(_PARA_MARK, "")
+            self.pieces.append(data if self.pre else _WS.sub(" ", data))
+
+    def text(self) -> str:
+        out: list[str] = []
+        breaks = 0  # newlines owed before the next text
+        for piece in self.pieces:
+            if piece in (_LINE_MARK, _PARA_MARK):
+                breaks = max(breaks, 1 if piece == _LINE_MARK else 2)
+            elif piece == "\n":
+                breaks += 1
+            elif not (breaks and piece.isspace()):
+                out.append("\n" * breaks + piece)
+                breaks = 0
+        return _LINE_EDGES.sub("\n", _SPACES.sub(" ", "".join(out)))
+
+
+_TAG = re.compile(r"<[^<>]*>")
+# One start or end tag as an HTML5 tokenizer reads it: quoted values may hold '>'.
+# Possessive/atomic pieces make a failed match (a tag left open at EOF) cost one pass.
+_WHOLE_TAG = re.compile(
+    r"""<(/?)([A-Za-z][^\t\n\f\r />]*+)(
+        (?>[\t\n\f\r /]++
+          |[^\t\n\f\r />][^\t\n\f\r /=>]*+
+           (?>[\t\n\f\r ]*+=[\t\n\f\r ]*+
+              (?>"[^"]*+"|'[^']*+'|[^\t\n\f\r >"'][^\t\n\f\r >]*+))?
+        )*+)>""",
+    re.X,
+)
+_ATTR = re.compile(
+    r"""([^\t\n\f\r />][^\t\n\f\r /=>]*)"""
+    r"""(?:[\t\n\f\r ]*=[\t\n\f\r ]*("[^"]*"|'[^']*'|[^\t\n\f\r >"'][^\t\n\f\r >]*))?"""
+)
+_RAW_END = {"script": re.compile(r"</script", re.I), "style": re.compile(r"</style", re.I)}
+
+
+def _clean_tag(m: re.Match[str]) -> str:
+    """The tag rebuilt with only what the text extraction reads: name, hidden, style."""
+    close, name, attrs = m[1], m[2].lower(), m[3]
+    if close:
+        return f"</{name}>"
+    out = [f"<{name}"]
+    for a in _ATTR.finditer(attrs):
+        key = a[1].lower()
+        if key == "hidden":
+            out.append(" hidden")
+        elif key == "style" and a[2]:
+            value = html_lib.unescape(a[2].strip("\"'"))
+            out.append(f' style="{html_lib.escape(value)}"')
+    out.append("/>" if attrs.rstrip().endswith("/") else ">")
+    return "".join(out)
+
+
+def _canonical(html: str) -> str:
+    """Well-formed, minimal markup that HTMLParser reads in linear time.
+
+    HTMLParser (before CPython 3.13.4) rescans the rest of the document for every construct
+    it cannot close, so a few hundred KB of "<a " or "<!--" would take minutes. This pass
+    follows the HTML5 tokenizer instead: comments and declarations go, a '<' that starts no
+    tag is text, a tag still open at the end of the document drops the rest (as browsers
+    do), and script/style bodies are skipped without being read as markup.
+    """
+    out: list[str] = []
+    pos = 0
+    size = len(html)
+    while (lt := html.find("<", pos)) >= 0:
+        out.append(html[pos:lt])
+        nxt = html[lt + 1 : lt + 2]
+        letter = nxt.isascii() and nxt.isalpha()
+        tag = _WHOLE_TAG.match(html, lt) if letter or nxt == "/" else None
+        if tag:
+            out.append(_clean_tag(tag))
+            pos = tag.end()
+            raw_end = _RAW_END.get(tag[2].lower()) if not tag[1] else None
+            if raw_end:
+                end = raw_end.search(html, pos)
+                pos = end.start() if end else size
+        elif html.startswith("<!--", lt):
+            end = html.find("-->", lt + 4)
+            pos = end + 3 if end >= 0 else size
+        elif nxt in ("!", "?", "/") or letter:  # declaration, bogus comment, open tag
+            end = html.find(">", lt + 1) if not letter else -1
+            pos = end + 1 if end >= 0 else size
+        else:
+            out.append("&lt;")
+            pos = lt + 1
+    out.append(html[pos:])
+    return "".join(out)
+
+
+def _html_to_text(html: str) -> str:
+    """Visible text of an HTML document; falls back to stripping tags if the parser fails."""
+    html = _canonical(html)
+    parser = _HTMLText()
+    try:
+        parser.feed(html)
+        parser.close()
+    except Exception:
+        return parser.text() or _TAG.sub(" ", html)
+    return parser.text()
+
+
+# ---------------------------------------------------------------------------------------------
+# MIME
+
+
+class _Walker:
+    """Collects the text blocks of one message, counting parts against the limits."""
+
+    def __init__(self, limits: TextLimits) -> None:
+        self.limits = limits
+        self.parts = 0
+        self.blocks: list[str] = []
+
+    def message(self, data: bytes, depth: int) -> None:
+        headers, body = _split_headers(data)
+        lines = []
+        subject = _decode_words(headers.get("subject", ""))
+        if subject:
+            lines.append(f"Subject: {subject}")
+        name = _display_name(headers.get("from", ""))
+        if name:
+            lines.append(f"From: {name}")
+        if lines:
+            self.blocks.append("\n".join(lines))
+        self.part(headers, body, depth, "text/plain")
+
+    def part(self, headers: dict[str, str], body: bytes, depth: int, default: str) -> None:
+        if self.parts >= self.limits.max_parts or depth > self.limits.max_depth:
+            return
+        self.parts += 1
+        try:
+            self._part(headers, body, depth, default)
+        except RecursionError:
+            raise
+        except Exception:  # one broken part should not cost the rest of the message
+            pass
+
+    def _part(self, headers: dict[str, str], body: bytes, depth: int, default: str) -> None:
+        if "content-type" not in headers and default == "text/plain":
+            # A MIME body whose Content-Type header went missing (common in old spam):
+            # reading it as the parts it plainly is beats showing the model base64.
+            boundary = _sniff_boundary(body[:1024])
+            if boundary:
+                headers = {**headers, "content-type": f'multipart/mixed; boundary="{boundary}"'}
+        info = _content_info(headers, default)
+        ctype = info.get_content_type()
+        main = ctype.split("/", 1)[0]
+        cte = headers.get("content-transfer-encoding", "")
+        if main == "multipart":
+            self.multipart(info, body, depth)
+        elif ctype in ("message/rfc822", "message/global", "text/rfc822-headers"):
+            self.message(_transfer_decode(body, cte), depth + 1)
+        elif main != "text" or info.get_content_disposition() == "attachment":
+            name = _decode_words(info.get_filename() or "")[:200]
+            self.blocks.append(f"[attachment: {name or ctype}]")
+        else:
+            text = _decode(_transfer_decode(body, cte), info.get_content_charset())
+            # HTML sent as text/plain is rendered as HTML by the clients spammers target.
+            if ctype == "text/html" or (ctype == "text/plain" and _HTML_START.match(text)):
+                # Markup outweighs text many times over; past this the parse costs seconds.
+                text = _html_to_text(_cap(text, 4 * self.limits.max_chars))
+            self.blocks.append(text)
+
+    def multipart(self, info: Message, body: bytes, depth: int) -> None:
+        room = self.limits.max_parts - self.parts
+        kids = _split_multipart(body, info.get_boundary(), room)
+        if kids is None:  # boundary missing or wrong: look for the one the body uses
+            kids = _split_multipart(body, _sniff_boundary(body[:65536]), room)
+        if kids is None:  # no parts at all: the stdlib also keeps such a body as text
+            self.blocks.append(_MIME_LINE.sub("", _decode(body)))
+            return
+        subtype = info.get_content_subtype()
+        default = "message/rfc822" if subtype == "digest" else "text/plain"
+        kids = [_split_headers(kid) for kid in kids]
+        if subtype != "alternative":
+            for headers, body in kids:
+                self.part(headers, body, depth + 1, default)
+            return
+        # multipart/alternative: the plain version if it says anything, else the richest.
+        plain, rich = [], []
+        for kid in kids:
+            kind = _content_info(kid[0], default)
+            inline = kind.get_content_disposition() != "attachment"
+            is_plain = kind.get_content_type() == "text/plain" and inline
+            (plain if is_plain else rich).append(kid)
+        for headers, body in plain + rich[::-1]:
+            mark = len(self.blocks)
+            self.part(headers, body, depth + 1, default)
+            if any(not block.isspace() and block for block in self.blocks[mark:]):
+                return
+            del self.blocks[mark:]
+
+
+def _split_multipart(body: bytes, boundary: str | None, room: int) -> list[bytes] | None:
+    """Raw bytes of at most `room` body parts; None if the boundary never appears.
+
+    Some mailers put spaces into the delimiter lines that the boundary parameter lacks, so
+    when the exact delimiter is absent a whitespace-blind one is tried.
+    """
+    if not boundary:
+        return None
+    if room <= 0:
+        return []
+    mark = boundary.encode("utf-8", "replace")
+    kids = _cut(body, re.escape(mark), room)
+    if kids is None:
+        loose = rb"[ \t]*".join(re.escape(bytes([c])) for c in mark if c not in b" \t")
+        kids = _cut(body, rb"[ \t]*" + loose, room)
+    return kids
+
+
+def _cut(body: bytes, mark: bytes, room: int) -> list[bytes] | None:
+    delimiter = re.compile(rb"^--" + mark + rb"(--)?[ \t]*\r?$", re.M)
+    kids: list[bytes] = []
+    start = None
+    for m in delimiter.finditer(body):
+        if start is not None:
+            end = m.start()  # the line break before a delimiter belongs to it
+            if body[end - 1 : end] == b"\n":
+                end -= 1
+            if body[end - 1 : end] == b"\r":
+                end -= 1
+            kids.append(body[start : max(end, start)])
+            if len(kids) >= room:
+                return kids
+        if m[1]:  # closing delimiter: the epilogue is not part of the message
+            return kids
+        start = m.end() + (body[m.end() : m.end() + 1] == b"\n")
+    if start is None:
+        return None
+    if len(kids) < room:
+        kids.append(body[start:])
+    return kids
+
+
+_SNIFF = re.compile(
+    rb'^--([^\s"]{1,200})[ \t]*\r?\nContent-(?:Type|Transfer-Encoding):', re.M | re.I
+)
+_HTML_START = re.compile(
+    r"\s*<(?:!--|(?:!doctype|x-html|html|head|body|font|center|table|div|p|b)\b)", re.I
+)
+_MIME_LINE = re.compile(r"^--\S*[ \t]*$|^Content-[\w-]+:.*$", re.M | re.I)
+
+
+def _sniff_boundary(head: bytes) -> str | None:
+    """The boundary of the first delimiter line followed by a MIME header, if any."""
+    m = _SNIFF.search(head)
+    return m[1].decode("latin-1") if m else None
+
+
+def _fallback(raw: bytes) -> str:
+    """Last resort when parsing fails: the body bytes as text, minus MIME scaffolding."""
+    try:
+        _, body = _split_headers(raw)
+    except Exception:
+        body = raw
+    return _MIME_LINE.sub("", _decode(body))
+
+
+def message_text(raw: bytes, limits: TextLimits = TextLimits()) -> str:
+    """The text the model reads for one raw RFC 5322 / MIME message.
+
+    `Subject: ...`, `From: <display name>`, a blank line, then the visible body text, all
+    normalized and capped. Never raises: a spam filter must not crash on the mail it is
+    meant to judge.
+    """
+    try:
+        if isinstance(raw, str):  # be forgiving to callers that already decoded the mail
+            raw = raw.encode("utf-8", "replace")
+        # One line-ending convention, so bare-CR mail cannot fold the body into a header.
+        raw = bytes(raw[: limits.max_bytes]).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if raw.startswith(b"From "):  # mbox separator line
+            newline = raw.find(b"\n")
+            raw = raw[newline + 1 :] if newline >= 0 else b""
+        raw = raw.lstrip(b"\n")  # else the headers would be read as body text
+        try:
+            walker = _Walker(limits)
+            walker.message(raw, 0)
+            text = "\n\n".join(walker.blocks)
+        except Exception:  # RecursionError on absurd limits, anything on hostile bytes
+            text = _fallback(raw)
+        if len(text) > 4 * limits.max_chars:  # bound the cost of normalizing
+            text = _cap(text, 4 * limits.max_chars)
+        return _cap(normalize_text(text), limits.max_chars)
+    except Exception:
+        return ""

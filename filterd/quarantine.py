@@ -1,0 +1,172 @@
+"""The quarantine: a Maildir (mode 0700) of held messages, exactly as they were received.
+
+Each message sits in new/ (or cur/, once a mail client has seen it) byte for byte as it
+arrived; what filterd knows about it (envelope, score, reason, time) sits beside it in
+filterd-meta/ID.json, which mail clients ignore. Both are written durably. A release
+removes a message only after its destination has it durably; IDs are checked against a
+strict pattern and files are opened without following symlinks, so no request reaches
+outside the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import smtplib
+import stat
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from filterd import maildir
+from filterd.mail import Mail
+from filterd.verdict import Verdict
+
+ID_PATTERN = re.compile(r"[0-9]{10,12}\.[0-9a-f]{16}")
+_META = "filterd-meta"
+_TMP_MAX_AGE = 36 * 3600  # Maildir convention: tmp/ files older than this are debris
+
+
+class QuarantineError(ValueError):
+    """A quarantine request cannot be carried out; the message says why."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    time: float
+    mail_from: str | None
+    rcpt_tos: list[str]
+    probability: float | None
+    reason: str
+    size: int
+
+
+class Store:
+    def __init__(self, root: Path, retention_days: float = 30.0):
+        self.root = Path(root)
+        self.retention_days = retention_days
+
+    def _ensure(self) -> None:
+        maildir.ensure(self.root)
+        (self.root / _META).mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o700)
+
+    def add(self, mail: Mail, verdict: Verdict, now: float | None = None) -> str:
+        """Store durably; the ID only exists once message and details are on disk."""
+        self._ensure()
+        now = time.time() if now is None else now
+        qid = f"{int(now)}.{secrets.token_hex(8)}"
+        reason = verdict.reason or f"{verdict.decided_by}: {verdict.label}"
+        entry = Entry(
+            qid,
+            now,
+            mail.mail_from,
+            list(mail.rcpt_tos),
+            verdict.probability,
+            reason,
+            len(mail.raw),
+        )
+        meta = json.dumps(asdict(entry), indent=1).encode()
+        maildir.write_durably(self.root / _META / f"{qid}.json", meta, self.root / "tmp")
+        maildir.write_durably(self.root / "new" / qid, mail.raw, self.root / "tmp")
+        return qid
+
+    def _message_path(self, qid: str) -> Path:
+        if not ID_PATTERN.fullmatch(qid):
+            raise QuarantineError(
+                f"{qid!r} is not a quarantine ID (like 1700000000.0123456789abcdef)"
+            )
+        candidates = [self.root / "new" / qid]
+        cur = self.root / "cur"
+        if cur.is_dir():  # a mail client may have moved it and added flags
+            candidates += sorted(p for p in cur.iterdir() if p.name.split(":", 1)[0] == qid)
+        for path in candidates:
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(mode):
+                raise QuarantineError(f"{qid}: not a regular file in the store (symlink?)")
+            return path
+        raise QuarantineError(f"{qid}: no such message in {self.root}")
+
+    def read(self, qid: str) -> bytes:
+        """The message bytes exactly as received."""
+        path = self._message_path(qid)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def get(self, qid: str) -> Entry:
+        path = self._message_path(qid)
+        meta = self.root / _META / f"{qid}.json"
+        try:
+            fd = os.open(meta, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                return Entry(**json.loads(f.read()))
+        except (OSError, ValueError, TypeError):  # details lost: the message still counts
+            st = path.stat()
+            return Entry(qid, st.st_mtime, None, [], None, "details missing", st.st_size)
+
+    def list(self) -> list[Entry]:
+        """Every held message, oldest first."""
+        ids = set()
+        for sub in ("new", "cur"):
+            folder = self.root / sub
+            if folder.is_dir():
+                ids |= {p.name.split(":", 1)[0] for p in folder.iterdir()}
+        entries = [self.get(qid) for qid in ids if ID_PATTERN.fullmatch(qid)]
+        return sorted(entries, key=lambda e: (e.time, e.id))
+
+    def delete(self, qid: str) -> None:
+        path = self._message_path(qid)
+        path.unlink()
+        (self.root / _META / f"{qid}.json").unlink(missing_ok=True)
+        maildir.fsync_dir(path.parent)
+
+    def release_to_maildir(self, qid: str, dest: Path) -> Path:
+        """Deliver durably into the Maildir dest, then delete from the store."""
+        target = maildir.deliver(Path(dest), self.read(qid))
+        self.delete(qid)
+        return target
+
+    def release_smtp(self, qid: str, host: str, port: int, timeout: float) -> None:
+        """Re-inject to the next hop with the original envelope; deleted only once every
+        recipient was accepted."""
+        entry, data = self.get(qid), self.read(qid)
+        if not entry.rcpt_tos or entry.mail_from is None:
+            raise QuarantineError(
+                f"{qid}: no envelope recorded (it came from stdin or a Maildir); "
+                "release it --to a Maildir or to stdout instead"
+            )
+        try:
+            with smtplib.SMTP(host, port, timeout=timeout) as smtp:
+                smtp.ehlo_or_helo_if_needed()
+                eight_bit = not data.isascii() and smtp.has_extn("8bitmime")
+                options = ["BODY=8BITMIME"] if eight_bit else []
+                refused = smtp.sendmail(entry.mail_from, entry.rcpt_tos, data, options)
+        except (OSError, smtplib.SMTPException) as e:
+            raise QuarantineError(f"{qid}: next hop {host}:{port} did not take it: {e}") from e
+        if refused:
+            raise QuarantineError(f"{qid}: delivered only in part, refused: {refused}; kept")
+        self.delete(qid)
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Delete messages older than the retention, and stale debris; the expired IDs."""
+        now = time.time() if now is None else now
+        cutoff = now - self.retention_days * 86400
+        expired = [e.id for e in self.list() if e.time < cutoff]
+        for qid in expired:
+            self.delete(qid)
+        held = {e.id for e in self.list()}
+        for path in self._debris():
+            if path.stem not in held and path.lstat().st_mtime < now - _TMP_MAX_AGE:
+                path.unlink()
+        return expired
+
+    def _debris(self) -> list[Path]:
+        folders = [self.root / "tmp", self.root / _META]
+        return [p for f in folders if f.is_dir() for p in f.iterdir()]

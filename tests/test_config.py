@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from filterd.config import Config, ConfigError, load_config
+
+CONFIG_YAML = Path(__file__).resolve().parents[1] / "config.yaml"
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, field in model.model_fields.items():
+        keys.add(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys |= _keys(field.annotation, f"{prefix}{name}.")
+    return keys
+
+
+def _yaml_keys(data: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for name, value in data.items():
+        keys.add(prefix + name)
+        if isinstance(value, dict):
+            keys |= _yaml_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def test_config_yaml_documents_every_setting_with_its_default():
+    data = yaml.safe_load(CONFIG_YAML.read_text())
+    assert _yaml_keys(data) == _keys(Config)
+    assert load_config(CONFIG_YAML) == Config()
+
+
+def test_missing_default_file_means_defaults_but_a_named_one_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("filterd.config.DEFAULT_PATH", tmp_path / "absent.yaml")
+    assert load_config() == Config()
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("scoring:\n  treshold: 0.5\n", r"scoring\.treshold: Extra inputs"),
+        ("colour: red\n", r"colour: Extra inputs"),
+        ("scoring:\n  threshold: high\n", r"scoring\.threshold: Input should be a valid number"),
+        (
+            "scoring:\n  quarantine_threshold: 1.5\n",
+            r"scoring\.quarantine_threshold: .*less than or equal to 1",
+        ),
+        ("relay:\n  port: 0\n", r"relay\.port: .*greater than or equal to 1"),
+        (
+            "scoring:\n  threshold: 0.8\n  quarantine_threshold: 0.6\n",
+            r"scoring: .*quarantine_threshold \(0\.6\) must be >= threshold \(0\.8\)",
+        ),
+        (
+            "scoring:\n  quarantine_threshold: 0.9\n  reject_threshold: 0.7\n",
+            r"reject_threshold \(0\.7\) must be >= quarantine_threshold \(0\.9\)",
+        ),
+        ("scoring:\n  failure_policy: drop\n", r"scoring\.failure_policy: .*fail_open"),
+        ("headers:\n  prefix: 'X Spam:'\n", r"headers\.prefix: String should match"),
+        ("checks:\n  - options: {}\n", r"checks\.0\.name: Field required"),
+        ("- a list\n", "mapping of settings"),
+        ("scoring: [\n", "cannot read config"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, text, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_defaults_live_in_the_state_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    config = Config()
+    assert config.headers.secret_path() == tmp_path / "filterd" / "secret"
+    assert config.quarantine.store_path() == tmp_path / "filterd" / "quarantine"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert Config().headers.secret_path() == tmp_path / "home/.local/state/filterd/secret"
