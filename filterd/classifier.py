@@ -61,7 +61,7 @@ class Classifier:
         scores = [0.0] * len(token_lists)
         for batch in length_batches([len(t) for t in token_lists], BATCH_TOKENS, MAX_BATCH):
             ids, lengths = pad_batch([token_lists[i] for i in batch], ENDOFTEXT, self.device)
-            probs = torch.softmax(self.model(ids, lengths).float(), dim=-1)[:, 1]
+            probs = torch.softmax(self.model(ids, lengths).double(), dim=-1)[:, 1]
             for i, p in zip(batch, probs.tolist(), strict=True):
                 scores[i] = p
         return scores

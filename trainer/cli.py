@@ -18,9 +18,9 @@ err = Console(stderr=True)
 out = Console()
 
 # Measured on the SMS collection with gpt2-mini (see README): from random weights the
-# whole network trains and needs a larger step and more epochs than fine-tuning does.
+# whole network trains, with a larger step and dropout against overfitting.
 PRETRAINED_DEFAULTS = {"lr": 5e-5, "epochs": 5, "trainable": "last-2"}
-RANDOM_DEFAULTS = {"lr": 1e-3, "epochs": 10, "trainable": "all"}
+RANDOM_DEFAULTS = {"lr": 3e-4, "epochs": 5, "trainable": "all", "dropout": 0.2}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--arch", default="gpt2-mini", help="architecture for --init random")
     model.add_argument("--max-tokens", type=int, help="token budget per message (default 256)")
+    model.add_argument(
+        "--dropout", type=float, help="dropout while training from random weights (default 0.2)"
+    )
     train = p.add_argument_group("training")
     train.add_argument("--out", type=Path, metavar="DIR")
     train.add_argument("--epochs", type=int)
@@ -120,7 +123,7 @@ def run_training(args: argparse.Namespace) -> int:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
     torch.manual_seed(args.seed)
-    model, arch, base_meta = initial_model(args.init, args.arch)
+    model, arch, base_meta = initial_model(args.init, args.arch, args.dropout)
     model.to(device)
     defaults = RANDOM_DEFAULTS if args.init == "random" else PRETRAINED_DEFAULTS
     max_tokens = args.max_tokens or (base_meta.max_tokens if base_meta else 256)
@@ -185,6 +188,7 @@ def run_training(args: argparse.Namespace) -> int:
         "init": args.init,
         "arch": arch,
         "epochs": settings.epochs,
+        "best_epoch": history.best_epoch,
         "train_seconds": round(train_seconds, 1),
         "counts": data.counts,
         "settings": {
@@ -222,16 +226,28 @@ def run_training(args: argparse.Namespace) -> int:
     return 0
 
 
-def initial_model(init: str, arch: str):
-    """(model, architecture name, base checkpoint metadata or None) for --init."""
+def initial_model(init: str, arch: str, dropout: float | None):
+    """(model, architecture name, base checkpoint metadata or None) for --init.
+
+    Dropout is for random weights only: with frozen blocks, their cached output must be
+    what they compute, so fine-tuning runs without it.
+    """
+    from dataclasses import replace
+
     from filterd.checkpoint import is_checkpoint, load_checkpoint
     from filterd.model import GPT2Classifier, architecture, architecture_name
     from filterd.pretrained import load_pretrained
 
     if init == "random":
-        return GPT2Classifier(architecture(arch)), arch, None
+        default = RANDOM_DEFAULTS["dropout"]
+        config = replace(architecture(arch), dropout=default if dropout is None else dropout)
+        return GPT2Classifier(config), arch, None
+    if dropout:
+        raise DataError("--dropout applies to --init random only")
     if Path(init).exists() and is_checkpoint(init):
-        model, meta = load_checkpoint(init)
+        trained, meta = load_checkpoint(init)
+        model = GPT2Classifier(replace(trained.config, dropout=0.0))
+        model.load_state_dict(trained.state_dict())
         return model, meta.arch, meta
     model = load_pretrained(init)
     return model, architecture_name(model.config), None

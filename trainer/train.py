@@ -32,6 +32,7 @@ class Settings:
     seed: int = 123
     cache_frozen: bool = True
     evaluate_epochs: bool = True  # per-epoch train/val loss and accuracy (for reports, plots)
+    keep_best: bool = True  # end with the weights of the epoch with the lowest validation loss
 
 
 @dataclass
@@ -41,6 +42,7 @@ class History:
     train_accuracy: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
     step_losses: list[float] = field(default_factory=list)
+    best_epoch: int | None = None  # 1-based; the epoch whose weights were kept
 
 
 def set_trainable(model: GPT2Classifier, last: int | None) -> int:
@@ -126,7 +128,7 @@ def predict(model: GPT2Classifier, batcher: Batcher) -> list[float]:
     lengths = [len(t) for t in batcher.tokens]
     probs = [0.0] * len(lengths)
     for batch in length_batches(lengths, EVAL_BATCH_TOKENS, 64):
-        p = torch.softmax(logits(model, batcher, batch).float(), dim=-1)[:, 1]
+        p = torch.softmax(logits(model, batcher, batch).double(), dim=-1)[:, 1]
         for i, value in zip(batch, p.tolist(), strict=True):
             probs[i] = value
     model.train(was_training)
@@ -174,6 +176,7 @@ def train(
     history = History()
     lengths = [len(t) for t in train_tokens]
     step = 0
+    best: dict[str, torch.Tensor] | None = None
     for epoch in range(settings.epochs):
         model.train()
         for batch in train_batches(lengths, settings.batch_size, rng):
@@ -195,7 +198,13 @@ def train(
         history.val_loss.append(_mean_loss(val_probs, val_labels))
         history.train_accuracy.append(_accuracy(train_probs, train_labels))
         history.val_accuracy.append(_accuracy(val_probs, val_labels))
+        if settings.keep_best and history.val_loss[-1] <= min(history.val_loss):
+            history.best_epoch = epoch + 1
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if on_epoch:
             on_epoch(epoch, history)
+    if best is not None:
+        # Small data sets overfit within a few epochs: the validation loss picks the epoch.
+        model.load_state_dict(best)
     model.eval()
     return history
