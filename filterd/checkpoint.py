@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from filterd import __version__
+from filterd.durable import replace_durably
 from filterd.message import TEXT_VERSION
 from filterd.model import GPT2Classifier, GPTConfig
 
@@ -78,21 +78,7 @@ def save_checkpoint(path: str | os.PathLike, model: GPT2Classifier, meta: Checkp
     digest = _data_sha256(save_tensors(tensors, metadata={}))
     header = {_META_KEY: json.dumps(asdict(meta)), "sha256": digest}
     blob = save_tensors(tensors, metadata=header)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(blob)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_durably(target, blob)
     return target
 
 
@@ -112,17 +98,39 @@ def load_checkpoint(
         tensors = load_tensors(blob)
     except Exception as e:  # safetensors raises its own error type for layout damage
         raise CheckpointError(f"{target}: damaged tensor data ({e})") from e
+    _check_size(meta.model_config, tensors, target)
     try:
-        model = GPT2Classifier(meta.model_config)
-    except ValueError as e:
+        # Shapes first, from a model without storage: metadata that names a huge
+        # architecture must not make us allocate it before the tensors are compared.
+        with torch.device("meta"):
+            skeleton = GPT2Classifier(meta.model_config)
+    except (ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{target}: bad architecture in metadata: {e}") from e
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != found:
         diff = sorted(set(expected.items()) ^ set(found.items()))[:4]
         raise CheckpointError(f"{target}: tensors do not match its architecture: {diff}")
+    model = GPT2Classifier(meta.model_config)
     model.load_state_dict(tensors)
     return model.to(device).eval(), meta
+
+
+def _check_size(config: GPTConfig, tensors: dict[str, torch.Tensor], target: Path) -> None:
+    """The metadata's main dimensions against the file's tensors, before any model is built:
+    a forged `n_layer: 100000` fails here at once instead of after minutes of building."""
+    blocks = {k.split(".", 2)[1] for k in tensors if k.startswith("h.")}
+    found = (
+        tuple(getattr(tensors.get("wte.weight"), "shape", ())),
+        tuple(getattr(tensors.get("wpe.weight"), "shape", ())),
+        len(blocks),
+    )
+    wanted = ((config.vocab_size, config.n_embd), (config.n_positions, config.n_embd))
+    if found != (*wanted, config.n_layer):
+        raise CheckpointError(
+            f"{target}: tensors do not match its architecture: (wte, wpe, blocks) are "
+            f"{found}, the metadata says {(*wanted, config.n_layer)}"
+        )
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -135,7 +143,7 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
                 return False
             size = struct.unpack("<Q", head)[0]
             header = json.loads(f.read(min(size, 100_000_000)))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # deeply nested JSON: not ours either
         return False
     return isinstance(header, dict) and _META_KEY in (header.get("__metadata__") or {})
 
@@ -149,7 +157,7 @@ def _header(blob: bytes, target: Path) -> dict:
     try:
         header = json.loads(blob[8 : 8 + size])
         metadata = header.get("__metadata__") or {}
-    except (ValueError, AttributeError) as e:
+    except (ValueError, AttributeError, RecursionError) as e:
         raise CheckpointError(f"{target}: unreadable safetensors header ({e})") from e
     if _META_KEY not in metadata:
         raise CheckpointError(
@@ -162,8 +170,18 @@ def _header(blob: bytes, target: Path) -> dict:
 def _meta(metadata: dict, target: Path) -> CheckpointMeta:
     try:
         meta = CheckpointMeta(**json.loads(metadata[_META_KEY]))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{target}: bad filterd metadata ({e})") from e
+    try:
+        if not isinstance(meta.config, dict):
+            raise TypeError(f"config is a {type(meta.config).__name__}, not a mapping")
+        for key in ("layer_norm_epsilon", "dropout"):  # GPTConfig checks only its ints
+            value = meta.config.get(key, 0.0)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{key} is {value!r}, not a number")
+        meta.model_config  # noqa: B018 - validates the architecture fields
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{target}: bad architecture in metadata: {e}") from e
     if meta.format != FORMAT:
         raise CheckpointError(f"{target}: format {meta.format!r}, this filterd reads {FORMAT!r}")
     if meta.tokenizer != "gpt2":
@@ -178,7 +196,8 @@ def _meta(metadata: dict, target: Path) -> CheckpointMeta:
     positions = meta.config.get("n_positions", 0) if isinstance(meta.config, dict) else 0
     if not isinstance(meta.max_tokens, int) or not 2 <= meta.max_tokens <= positions:
         raise CheckpointError(f"{target}: max_tokens {meta.max_tokens} does not fit the model")
-    if not 0.0 <= float(meta.threshold) <= 1.0:
+    number = isinstance(meta.threshold, int | float) and not isinstance(meta.threshold, bool)
+    if not number or not 0.0 <= meta.threshold <= 1.0:
         raise CheckpointError(f"{target}: threshold {meta.threshold} is not a probability")
     return meta
 

@@ -1,4 +1,4 @@
-"""`filterd`: score mail from stdin or files, tag it in a pipe, manage the quarantine.
+"""`filterd`: score mail from stdin or files, tag it in a pipe, serve, manage the quarantine.
 
 stdout carries only results (verdict lines, JSON, the tagged message); progress, summaries
 and diagnostics go to stderr, so filterd fits in pipes and delivery agents. Heavy imports
@@ -261,6 +261,37 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve --------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The daemon: the sources the config enables, until SIGTERM (README "filterd serve")."""
+    import logging
+
+    try:
+        config = _config(args)
+        engine = _engine(args, config)
+    except ConfigError as e:
+        _err(str(e))
+        return EX_CONFIG
+    except Exception as e:
+        _err(str(e))
+        return EX_CHECKPOINT
+    logging.basicConfig(
+        level=config.daemon.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd: a line per command
+    from filterd.daemon import serve
+
+    try:
+        return asyncio.run(serve(engine, config, args.checkpoint or config.checkpoint))
+    except ConfigError as e:  # a source could not start: which setting is wrong
+        _err(str(e))
+        return EX_CONFIG
+
+
 # --- parser -------------------------------------------------------------------------------
 
 
@@ -281,6 +312,11 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--checkpoint", type=Path, help="overrides the config's checkpoint")
     check.add_argument("--config", type=Path, help=config_help)
     check.set_defaults(run=cmd_check)
+
+    serve = sub.add_parser("serve", help="run the daemon: SMTP proxy and Maildir watcher")
+    serve.add_argument("--checkpoint", type=Path, help="overrides the config's checkpoint")
+    serve.add_argument("--config", type=Path, help=config_help)
+    serve.set_defaults(run=cmd_serve)
 
     quarantine = sub.add_parser("quarantine", help="list, show, release, delete, expire")
     quarantine.add_argument("--config", type=Path, help=config_help)

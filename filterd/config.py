@@ -105,6 +105,41 @@ class Relay(_Section):
     timeout_seconds: float = Field(30.0, gt=0)
 
 
+class Maildir(_Section):
+    """Maildirs `filterd serve` watches: each message arriving in new/ is scored where it lies."""
+
+    paths: list[Path] = []  # empty: the Maildir source is off
+    # ".Name": that Maildir++ subfolder of each watched Maildir; an absolute path: one Maildir
+    # for all; "store": the quarantine store.
+    quarantine_folder: str = Field(".Junk", pattern=r"^(store|\.[^./][^/]*|[/~].*)$")
+    rescan_seconds: float = Field(60.0, gt=0)  # tempfailed messages are retried this often
+
+
+class Smtp(_Section):
+    """The SMTP proxy of `filterd serve`, in front of the next hop (`relay`)."""
+
+    enabled: bool = False
+    # after_queue: Postfix content_filter (reject not allowed: it would cause backscatter);
+    # before_queue: smtpd_proxy_filter (reject answers 550 5.7.1 to the sending client).
+    mode: Literal["after_queue", "before_queue"] = "after_queue"
+    host: str = "127.0.0.1"  # loopback: the MTA on this machine is the only client
+    port: int = Field(10025, ge=0, le=65535)  # 0: any free port (tests)
+    max_message_bytes: int = Field(52_428_800, ge=1024)  # advertised as SIZE; larger: 552
+    max_connections: int = Field(100, ge=1)  # more: 421 at connect
+    max_queue: int = Field(64, ge=1)  # messages being scored or relayed at once; more: 451
+    timeout_seconds: float = Field(300.0, gt=0)  # an idle client is disconnected
+
+
+class Daemon(_Section):
+    """`filterd serve`: model reloads and shutdown."""
+
+    # How often the checkpoint file is checked for a new version (reloaded like SIGHUP); 0: off.
+    reload_check_seconds: float = Field(2.0, ge=0)
+    # SIGTERM: the longest wait for messages being scored or relayed to get their answer.
+    stop_timeout_seconds: float = Field(90.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
 class PluginChoice(_Section):
     """A plugin picked by its entry-point name; it validates its own options."""
 
@@ -120,7 +155,21 @@ class Config(_Section):
     headers: Headers = Headers()
     quarantine: Quarantine = Quarantine()
     relay: Relay = Relay()
+    maildir: Maildir = Maildir()
+    smtp: Smtp = Smtp()
+    daemon: Daemon = Daemon()
     checks: list[PluginChoice] = []
+
+    @model_validator(mode="after")
+    def _no_backscatter(self) -> Config:
+        after_queue = self.smtp.enabled and self.smtp.mode == "after_queue"
+        if after_queue and self.scoring.reject_threshold is not None:
+            raise ValueError(
+                "scoring.reject_threshold: not allowed with smtp.mode after_queue (the MTA "
+                "already accepted the mail, so a reject would bounce to a possibly forged "
+                "sender); use scoring.quarantine_threshold, or smtp.mode before_queue"
+            )
+        return self
 
 
 def load_config(path: str | os.PathLike | None = None) -> Config:
@@ -135,6 +184,8 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         data = yaml.safe_load(target.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{target}: cannot read config: {e}") from e
+    except RecursionError as e:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{target}: cannot read config: nested too deeply") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{target}: expected a mapping of settings at the top level")
     try:

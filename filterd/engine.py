@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -194,12 +195,17 @@ class Engine:
 
     # --- acting ------------------------------------------------------------------------
 
-    async def handle(self, mail: Mail, tag_only: bool = False) -> Outcome:
-        """Verdict, then its action (or only tagging); any failure goes to the policy."""
+    async def handle(self, mail: Mail, tag_only: bool = False, can_reject: bool = True) -> Outcome:
+        """Verdict, then its action (or only tagging); any failure goes to the policy.
+        Where mail was already accepted (`can_reject` False), a reject is quarantined:
+        refusing it then would bounce to a possibly forged sender."""
         try:
             verdict = await self.verdict(mail)
-            action = self.actions["tag" if tag_only else verdict.action]
-            return await asyncio.to_thread(action.apply, mail, verdict, self)
+            name = "tag" if tag_only else verdict.action
+            if name == "reject" and not can_reject:
+                name = "quarantine"
+            outcome = await asyncio.to_thread(self.actions[name].apply, mail, verdict, self)
+            return dataclasses.replace(outcome, verdict=verdict)
         except Exception as e:
             return self.failure(mail, f"{type(e).__name__}: {e}")
 

@@ -6,6 +6,7 @@ envelope so a released message reaches the recipients it was meant for.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -13,6 +14,7 @@ from email.utils import getaddresses
 
 # Headers are read from this much of the message at most: hostile mail costs bounded work.
 _HEAD_BYTES = 256 * 1024
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 
 
 @dataclass(frozen=True)
@@ -22,14 +24,24 @@ class Mail:
     rcpt_tos: tuple[str, ...] = field(default_factory=tuple)
     origin: str = ""  # where it came from, for reports: a path, "-" for stdin, a peer
 
-    def header_addresses(self, name: str) -> list[str]:
-        """Lower-cased addresses in the first `name` header (e.g. From), never raising."""
+    def header(self, name: str) -> str | None:
+        """The first `name` header's value (e.g. Message-ID, for logs), never raising."""
         head = self.raw[:_HEAD_BYTES]
         if head.startswith(b"From "):  # mbox separator line
             head = head[head.find(b"\n") + 1 :] if b"\n" in head else b""
+        if end := _BLANK_LINE.search(head):  # the body is not parsed
+            head = head[: end.end()]
         try:
             value = BytesHeaderParser(policy=compat32).parsebytes(head).get(name)
-            pairs = getaddresses([str(value)]) if value is not None else []
+            return None if value is None else str(value)
+        except Exception:  # a malformed header is no header, not a crash
+            return None
+
+    def header_addresses(self, name: str) -> list[str]:
+        """Lower-cased addresses in the first `name` header (e.g. From), never raising."""
+        value = self.header(name)
+        try:
+            pairs = getaddresses([value]) if value is not None else []
         except Exception:  # a malformed header is no address, not a crash
             return []
         return [addr.lower() for _, addr in pairs if "@" in addr]

@@ -12,6 +12,10 @@ import socket
 import time
 from pathlib import Path
 
+from filterd.durable import fsync_dir, write_temp
+
+__all__ = ["deliver", "ensure", "fsync_dir", "unique_name", "write_durably", "write_temp"]
+
 
 def ensure(root: Path, mode: int = 0o700) -> Path:
     """Create root/{tmp,new,cur} as needed (new folders get `mode`)."""
@@ -26,25 +30,12 @@ def unique_name() -> str:
     return f"{int(time.time())}.{os.getpid()}_{secrets.token_hex(8)}.{host}"
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_durably(target: Path, data: bytes, tmp_dir: Path) -> Path:
     """Write data to target via tmp_dir (same filesystem): fsync, link, fsync the folder.
 
     Fails with FileExistsError rather than replace an existing file."""
-    tmp = tmp_dir / f".{target.name}.{secrets.token_hex(6)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    tmp = write_temp(tmp_dir, data, target.name)
     try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
         os.link(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -74,6 +74,7 @@ class Outcome:
     disposition: Literal["deliver", "quarantined", "reject", "tempfail"]
     data: bytes | None = None  # the bytes to deliver, for "deliver"
     note: str = ""  # a quarantine id, a failure reason
+    verdict: Verdict | None = None  # what led to it (None when scoring failed), for logs
 
 
 class Action(Plugin):

@@ -52,7 +52,21 @@ class Store:
     def _ensure(self) -> None:
         maildir.ensure(self.root)
         (self.root / _META).mkdir(mode=0o700, exist_ok=True)
+        for sub in ("tmp", "new", "cur", _META):
+            self._folder(sub)
         os.chmod(self.root, 0o700)
+
+    def _folder(self, sub: str) -> Path:
+        """root/sub, refused if it is a symlink (or anything but a folder): what we read,
+        write or delete must lie in the store. A missing folder is returned as it is."""
+        path = self.root / sub
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return path
+        if not stat.S_ISDIR(mode):
+            raise QuarantineError(f"{path}: not a folder of the store (symlink?); refused")
+        return path
 
     def add(self, mail: Mail, verdict: Verdict, now: float | None = None) -> str:
         """Store durably; the ID only exists once message and details are on disk."""
@@ -79,8 +93,8 @@ class Store:
             raise QuarantineError(
                 f"{qid!r} is not a quarantine ID (like 1700000000.0123456789abcdef)"
             )
-        candidates = [self.root / "new" / qid]
-        cur = self.root / "cur"
+        candidates = [self._folder("new") / qid]
+        cur = self._folder("cur")
         if cur.is_dir():  # a mail client may have moved it and added flags
             candidates += sorted(p for p in cur.iterdir() if p.name.split(":", 1)[0] == qid)
         for path in candidates:
@@ -102,7 +116,7 @@ class Store:
 
     def get(self, qid: str) -> Entry:
         path = self._message_path(qid)
-        meta = self.root / _META / f"{qid}.json"
+        meta = self._folder(_META) / f"{qid}.json"
         try:
             fd = os.open(meta, os.O_RDONLY | os.O_NOFOLLOW)
             with os.fdopen(fd, "rb") as f:
@@ -115,7 +129,7 @@ class Store:
         """Every held message, oldest first."""
         ids = set()
         for sub in ("new", "cur"):
-            folder = self.root / sub
+            folder = self._folder(sub)
             if folder.is_dir():
                 ids |= {p.name.split(":", 1)[0] for p in folder.iterdir()}
         entries = [self.get(qid) for qid in ids if ID_PATTERN.fullmatch(qid)]
@@ -123,8 +137,9 @@ class Store:
 
     def delete(self, qid: str) -> None:
         path = self._message_path(qid)
+        meta = self._folder(_META) / f"{qid}.json"
         path.unlink()
-        (self.root / _META / f"{qid}.json").unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
         maildir.fsync_dir(path.parent)
 
     def release_to_maildir(self, qid: str, dest: Path) -> Path:
@@ -163,10 +178,13 @@ class Store:
             self.delete(qid)
         held = {e.id for e in self.list()}
         for path in self._debris():
-            if path.stem not in held and path.lstat().st_mtime < now - _TMP_MAX_AGE:
-                path.unlink()
+            try:
+                if path.stem not in held and path.lstat().st_mtime < now - _TMP_MAX_AGE:
+                    path.unlink()
+            except FileNotFoundError:  # another expire (or a release) got there first
+                continue
         return expired
 
     def _debris(self) -> list[Path]:
-        folders = [self.root / "tmp", self.root / _META]
+        folders = [self._folder("tmp"), self._folder(_META)]
         return [p for f in folders if f.is_dir() for p in f.iterdir()]

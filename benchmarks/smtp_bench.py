@@ -1,0 +1,197 @@
+"""Messages/second through `filterd serve`'s SMTP proxy: N concurrent senders on loopback,
+through a real `filterd serve` process, into a sink; then the same messages through the
+raw model (`Classifier.score_messages`) for comparison.
+
+Not a test: run it on a quiet machine. Two runs: (a) `gpt2-tiny`, where the model costs
+next to nothing, so the number is the plumbing's (SMTP in and out, tagging, batching);
+(b) the `gpt2` (124M) architecture with random weights (speed does not depend on their
+values), where the goal is >= 80% of the raw model's batch throughput. Each prints
+messages/s, p50/p99 latency (MAIL FROM to the answer to DATA), and sent / acked /
+relayed / lost (acked but never relayed: must be 0).
+
+    .venv/bin/python benchmarks/smtp_bench.py [--senders 16] [--tiny 2000] [--gpt2 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from score_bench import CORPUS, corpus_sample
+
+from filterd.checkpoint import CheckpointMeta, save_checkpoint
+from filterd.classifier import load_classifier
+from filterd.model import GPT2Classifier, architecture
+from filterd.smtp_proxy import NextHop
+
+_ID = re.compile(rb"^X-Bench-Id: (\d+)\r$", re.MULTILINE)
+
+
+def smtp_messages(n: int, corpus: Path) -> list[bytes]:
+    """n corpus messages as SMTP carries them: CRLF line ends, no line over 998 bytes."""
+    usable = []
+    for raw in corpus_sample(corpus, 2 * n if n <= 500 else 1000):
+        crlf = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if max(map(len, crlf.split(b"\r\n"))) <= 998:
+            usable.append(crlf)
+    return [usable[i % len(usable)] for i in range(n)]
+
+
+class Sink(asyncio.Protocol):
+    """The next hop, as cheap as can be so the proxy's cost shows: 250 to every command,
+    DATA read in bulk, the number of each message that arrives recorded."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+        self.buffer = b""
+        self.in_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        transport.write(b"220 sink\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            if self.in_data:
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    return
+                m = _ID.search(self.buffer, 0, end + 2)
+                self.ids.append(int(m[1]) if m else -1)
+                self.buffer, self.in_data = self.buffer[end + 5 :], False
+                self.transport.write(b"250 2.0.0 Ok\r\n")
+                continue
+            line, found, self.buffer = self.buffer.partition(b"\r\n")
+            if not found:
+                self.buffer = line
+                return
+            verb = line[:4].upper()
+            if verb == b"DATA":
+                self.in_data = True
+            self.transport.write(b"354 go\r\n" if verb == b"DATA" else b"250 Ok\r\n")
+            if verb == b"QUIT":
+                self.transport.close()
+
+
+def write_checkpoint(arch: str, folder: Path) -> Path:
+    torch.manual_seed(0)
+    model = GPT2Classifier(architecture(arch)).eval()
+    meta = CheckpointMeta(arch=arch, config=model.config.to_dict(), max_tokens=256)
+    return save_checkpoint(folder, model, meta)
+
+
+async def start_daemon(checkpoint: Path, sink_port: int, senders: int, folder: Path):
+    config = {
+        "checkpoint": str(checkpoint),
+        "headers": {"secret_file": str(folder / "secret")},
+        "quarantine": {"path": str(folder / "quarantine")},
+        "relay": {"port": sink_port, "timeout_seconds": 60},
+        "smtp": {"enabled": True, "port": 0, "max_queue": max(64, senders)},
+        "scoring": {"timeout_seconds": 900},
+        "daemon": {"reload_check_seconds": 0},
+    }
+    (folder / "config.yaml").write_text(json.dumps(config))
+    log = folder / "daemon.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "filterd.cli", "serve", "--config", str(folder / "config.yaml")],
+        stderr=log.open("w"),
+    )
+    while not (m := re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())):
+        if proc.poll() is not None:
+            raise SystemExit(f"filterd serve exited:\n{log.read_text()}")
+        await asyncio.sleep(0.1)
+    return proc, int(m[1])
+
+
+async def send_all(port: int, messages: list[bytes], senders: int) -> tuple[list[float], set[int]]:
+    """Each sender keeps one connection and sends from a shared queue; the latencies and
+    numbers of the messages acked with 250."""
+    latencies: list[float] = []
+    acked: set[int] = set()
+    queue = list(enumerate(messages))
+
+    async def sender() -> None:
+        hop = await NextHop.connect("127.0.0.1", port, 900, "bench.example")
+        while queue:
+            n, raw = queue.pop()
+            start = time.perf_counter()
+            await hop.command("MAIL FROM:<bench@example.org>")
+            await hop.command("RCPT TO:<user@example.net>")
+            reply = await hop.data(b"X-Bench-Id: %d\r\n" % n + raw)
+            if reply.code == 250:
+                acked.add(n)
+                latencies.append(time.perf_counter() - start)
+        await hop.quit()
+
+    await asyncio.gather(*(sender() for _ in range(senders)))
+    return latencies, acked
+
+
+async def run(arch: str, n: int, senders: int, corpus: Path) -> None:
+    messages = smtp_messages(n, corpus)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        checkpoint = write_checkpoint(arch, folder / "model")
+        relayed: list[int] = []
+        server = await asyncio.get_running_loop().create_server(
+            lambda: Sink(relayed), "127.0.0.1", 0
+        )
+        proc, port = await start_daemon(
+            checkpoint, server.sockets[0].getsockname()[1], senders, folder
+        )
+        try:
+            await send_all(port, messages[: min(senders, 8)], min(senders, 8))  # warm up
+            relayed.clear()
+            start = time.perf_counter()
+            latencies, acked = await send_all(port, messages, senders)
+            elapsed = time.perf_counter() - start
+        finally:
+            proc.terminate()
+            proc.wait(120)
+            server.close()
+        lost = len(acked - set(relayed))
+        clf = load_classifier(checkpoint)
+        clf.score_messages(messages[:8])
+        t_raw = time.perf_counter()
+        clf.score_messages(messages)
+        t_raw = time.perf_counter() - t_raw
+    ms = sorted(x * 1000 for x in latencies)
+    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))] if ms else float("nan")
+    proxy_rate, raw_rate = n / elapsed, n / t_raw
+    print(
+        f"{arch}: {n} messages, {senders} senders: {proxy_rate:.1f} msgs/s through the proxy "
+        f"({elapsed:.1f} s), p50 {statistics.median(ms) if ms else float('nan'):.0f} ms, "
+        f"p99 {p99:.0f} ms; sent {n}, acked {len(acked)}, relayed {len(relayed)}, lost {lost}"
+    )
+    print(
+        f"{arch}: raw model (score_messages, same messages): {raw_rate:.1f} msgs/s; "
+        f"proxy / raw = {proxy_rate / raw_rate:.0%}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--senders", type=int, default=16)
+    parser.add_argument("--tiny", type=int, default=2000, help="messages for gpt2-tiny; 0: skip")
+    parser.add_argument("--gpt2", type=int, default=64, help="messages for gpt2; 0: skip")
+    parser.add_argument("--corpus", type=Path, default=CORPUS)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    for arch, n in (("gpt2-tiny", args.tiny), ("gpt2", args.gpt2)):
+        if n:
+            asyncio.run(run(arch, n, args.senders, args.corpus))
+
+
+if __name__ == "__main__":
+    main()
