@@ -83,15 +83,17 @@ def save_checkpoint(path: str | os.PathLike, model: GPT2Classifier, meta: Checkp
 
 
 def load_checkpoint(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
+    path: str | os.PathLike, device: str | torch.device = "cpu", retrain: bool = False
 ) -> tuple[GPT2Classifier, CheckpointMeta]:
+    """A validated model and its metadata. `retrain` accepts any text-extraction version:
+    the weights are a fine start for training on the current text, not for scoring."""
     target = checkpoint_path(path)
     try:
         blob = target.read_bytes()
     except OSError as e:
         raise CheckpointError(f"{target}: cannot read checkpoint ({e.strerror or e})") from e
     header = _header(blob, target)
-    meta = _meta(header, target)
+    meta = _meta(header, target, retrain)
     if _data_sha256(blob) != header.get("sha256"):
         raise CheckpointError(f"{target}: tensor data is corrupt (sha256 mismatch)")
     try:
@@ -167,7 +169,7 @@ def _header(blob: bytes, target: Path) -> dict:
     return metadata
 
 
-def _meta(metadata: dict, target: Path) -> CheckpointMeta:
+def _meta(metadata: dict, target: Path, retrain: bool = False) -> CheckpointMeta:
     try:
         meta = CheckpointMeta(**json.loads(metadata[_META_KEY]))
     except (TypeError, ValueError, RecursionError) as e:
@@ -186,7 +188,7 @@ def _meta(metadata: dict, target: Path) -> CheckpointMeta:
         raise CheckpointError(f"{target}: format {meta.format!r}, this filterd reads {FORMAT!r}")
     if meta.tokenizer != "gpt2":
         raise CheckpointError(f"{target}: tokenizer {meta.tokenizer!r} is not supported")
-    if meta.text_version != TEXT_VERSION:
+    if meta.text_version != TEXT_VERSION and not retrain:
         raise CheckpointError(
             f"{target}: trained on text extraction v{meta.text_version}, this filterd extracts "
             f"v{TEXT_VERSION}; retrain it (filterd-train --init {target}) or use a matching filterd"

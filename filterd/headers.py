@@ -13,6 +13,7 @@ scored here and passes through untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -26,8 +27,14 @@ from filterd.verdict import Verdict
 MARKER = "Marker"  # the marker header is <prefix>Marker
 _MARKER_VERSION = b"v1"
 _SECRET_BYTES = 32
-# One header field: a name, a colon, the rest of the line and any continuation lines.
-_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+):[^\n]*(?:\n[ \t][^\n]*)*(?:\n|\Z)")
+# One header field: a name, a colon (white space before it is obsolete syntax that mail
+# software still reads), the rest of the line and any continuation lines.
+_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*(?:\n|\Z)")
+# Any other non-empty line before the first empty one. procmail, Dovecot and Sieve read
+# everything up to the empty line as the header, so such a line must not end ours: a spoofed
+# header after it would survive. Its "name" is what precedes a colon, so a mangled
+# `X-Spam-Flag\0: NO` is still recognised as carrying our prefix.
+_OTHER = re.compile(rb"(?!\r?\n|\r?\Z)[^\n]*(?:\n[ \t][^\n]*)*(?:\n|\Z)")
 # Headers whose values the marker covers besides ours: what the model reads, plus identity.
 _COVERED = (b"subject", b"from", b"to", b"date", b"message-id")
 _STATUS = re.compile(rb"(Yes|No), score=[0-9.]+ required=[0-9.]+(?: probability=([0-9.]+))?")
@@ -41,11 +48,42 @@ class SecretError(OSError):
 class _Parsed:
     mbox: bytes  # the mbox "From " line with its line end, or b""
     fields: list[tuple[bytes, bytes]]  # (lower-cased name, whole field bytes) in order
-    rest: bytes  # the blank line and body, or whatever ended the header block
+    raw: bytes  # the whole message; the blank line and body start at `pos`
+    pos: int
     eol: bytes
 
-    def body(self) -> bytes:
-        return self.rest.removeprefix(b"\r\n").removeprefix(b"\n")
+    @property
+    def rest(self) -> memoryview:
+        """The blank line and body: a view, so a 50 MB body is not copied to tag it."""
+        return memoryview(self.raw)[self.pos :]
+
+    def body_start(self) -> int:
+        start = self.pos + 2 if self.raw.startswith(b"\r\n", self.pos) else self.pos
+        return start + 1 if self.raw.startswith(b"\n", start) else start
+
+
+_BODY_CHUNK = 1 << 20
+_EOLS = re.compile(rb"(?:\r?\n)*\Z")
+
+
+def _hash_body(h: hmac.HMAC, raw: bytes, start: int) -> None:
+    """h.update(body.replace(CRLF, LF).rstrip(LF)) for the body at raw[start:], a chunk at a
+    time: a big message is not copied whole, let alone twice."""
+    window = 4096
+    while True:  # where the final line ends begin; the window grows only over a long run
+        lo = max(start, len(raw) - window)
+        end = _EOLS.search(raw, lo).start()
+        if end > lo or lo == start:
+            break
+        window *= 4
+    view = memoryview(raw)
+    pos = start
+    while pos < end:
+        stop = min(pos + _BODY_CHUNK, end)
+        while stop < end and raw[stop - 1] == 0x0D:  # keep a CR LF pair in one chunk
+            stop += 1
+        h.update(bytes(view[pos:stop]).replace(b"\r\n", b"\n"))
+        pos = stop
 
 
 def _parse(raw: bytes) -> _Parsed:
@@ -56,32 +94,46 @@ def _parse(raw: bytes) -> _Parsed:
         mbox = raw + b"\n" if end < 0 else raw[: end + 1]
     pos = min(len(mbox), len(raw))
     fields = []
-    while m := _FIELD.match(raw, pos):
-        fields.append((m[1].lower(), m[0]))
+    while pos < len(raw):
+        if m := _FIELD.match(raw, pos):
+            fields.append((m[1].lower(), m[0]))
+        elif m := _OTHER.match(raw, pos):
+            fields.append((m[0].split(b":", 1)[0].strip().lower(), m[0]))
+        else:  # the empty line
+            break
         pos = m.end()
         if not m[0].endswith(b"\n"):
             break
-    lines = [f for _, f in fields if f.endswith(b"\n")] + [mbox, raw[pos:]]
-    first = next((line for line in lines if b"\n" in line), b"")
-    eol = b"\r\n" if first.split(b"\n", 1)[0].endswith(b"\r") else b"\n"
-    return _Parsed(mbox, fields, raw[pos:], eol)
+    # The line end of the first line that has one (a field, the mbox line or the rest).
+    first = next((f for _, f in fields if f.endswith(b"\n")), None)
+    if first is None and b"\n" in mbox:
+        first = mbox
+    if first is not None:
+        newline = first.index(b"\n")
+        crlf = first[newline - 1 : newline] == b"\r"
+    else:
+        newline = raw.find(b"\n", pos)
+        crlf = newline > 0 and raw[newline - 1] == 0x0D
+    return _Parsed(mbox, fields, raw, pos, b"\r\n" if crlf else b"\n")
 
 
 def _value(field: bytes) -> bytes:
     """A field's value unfolded and with runs of white space squeezed, so transport that
     re-folds or converts line ends does not make a marker stale."""
-    return b" ".join(field.split(b":", 1)[1].split())
+    return b" ".join(field.partition(b":")[2].split())  # a line with no colon: no value
 
 
-def _mac(secret: bytes, ours: list[bytes], parsed: _Parsed) -> str:
+def _mac(secret: bytes, ours: list[bytes], parsed: _Parsed, others: list[bytes]) -> str:
     h = hmac.new(secret, b"filterd-marker/" + _MARKER_VERSION, hashlib.sha256)
     for field in ours:
         h.update(b"\0" + b" ".join(field.split()))
     for name in _COVERED:
         value = next((_value(f) for n, f in parsed.fields if n == name), b"")
         h.update(b"\0" + name + b":" + value)
+    for line in others:  # lines of the header that are no field: a headerless message's text
+        h.update(b"\0-" + b" ".join(line.split()))
     h.update(b"\0\0")
-    h.update(parsed.body().replace(b"\r\n", b"\n").rstrip(b"\n"))
+    _hash_body(h, parsed.raw, parsed.body_start())
     return h.hexdigest()
 
 
@@ -128,6 +180,9 @@ class Tagger:
     def _ours(self, name: bytes) -> bool:
         return name.startswith(self._prefix)
 
+    def _others(self, parsed: _Parsed) -> list[bytes]:
+        return [f for n, f in parsed.fields if not self._ours(n) and not _FIELD.match(f)]
+
     def previous(self, raw: bytes) -> tuple[bool, float | None] | None:
         """(is_spam, probability) from our headers if a valid marker vouches for them."""
         parsed = _parse(raw)
@@ -137,7 +192,7 @@ class Tagger:
         version, _, mac = _value(markers[0]).partition(b" ")
         ours = [f for n, f in parsed.fields if self._ours(n) and n != self._marker]
         if version != _MARKER_VERSION or not hmac.compare_digest(
-            mac, _mac(self.secret, ours, parsed).encode()
+            mac, _mac(self.secret, ours, parsed, self._others(parsed)).encode()
         ):
             return None
         status_name = (self.prefix + "Status").lower().encode()
@@ -175,16 +230,22 @@ class Tagger:
         kept = [(n, f) for n, f in parsed.fields if not self._ours(n)]
         if subject and self.subject_prefix:
             kept = [(n, self._prefix_subject(f) if n == b"subject" else f) for n, f in kept]
-        parsed = _Parsed(parsed.mbox, kept, parsed.rest, parsed.eol)
+        parsed = dataclasses.replace(parsed, fields=kept)
         ours = [self.prefix.encode() + name.encode() + b": " + v for name, v in values]
         ours = [f.rstrip() if f.endswith(b": ") else f for f in ours]
         if self.secret is not None:
-            mac = _mac(self.secret, ours, parsed).encode()
+            mac = _mac(self.secret, ours, parsed, self._others(parsed)).encode()
             ours.append(
                 self.prefix.encode() + MARKER.encode() + b": " + _MARKER_VERSION + b" " + mac
             )
         added = b"".join(f + parsed.eol for f in ours)
-        return b"".join([parsed.mbox, added, *(f for _, f in kept), parsed.rest])
+        lead = b""
+        if kept and kept[0][1][:1] in (b" ", b"\t"):
+            # A first line that is a continuation would fold into our last header and go
+            # with it when the message is tagged again: it stays first instead.
+            lead = kept.pop(0)[1]
+            lead += b"" if lead.endswith(b"\n") else parsed.eol
+        return b"".join([parsed.mbox, lead, added, *(f for _, f in kept), parsed.rest])
 
     def _prefix_subject(self, field: bytes) -> bytes:
         name, value = field.split(b":", 1)

@@ -16,11 +16,14 @@ import codecs
 import html as html_lib
 import re
 import unicodedata
+from collections import deque
 from dataclasses import dataclass
 from email.message import Message
 from html.parser import HTMLParser
 
-TEXT_VERSION: int = 1
+# v2: every default-ignorable code point dropped, Latin look-alikes folded in mixed words,
+# and the caps keep the head and the tail (bytes, parts) or flatten (depth) instead of cutting.
+TEXT_VERSION: int = 2
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,62 @@ class TextLimits:
 # plain text
 
 # Invisible characters that spammers sprinkle inside words to break up tokens the filter
-# would otherwise recognise, plus every C0/C1 control but \t and \n.
-_INVISIBLE = [*range(0x200B, 0x2010), *range(0x2060, 0x2065), 0xFEFF, 0x00AD, 0x034F, 0x180E]
-_INVISIBLE += [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+# would otherwise recognise: Unicode's Default_Ignorable_Code_Point set (zero-width spaces
+# and joiners, bidi controls, soft hyphen, Hangul fillers, variation selectors, tag
+# characters, ...), plus every C0/C1 control but \t and \n.
+_INVISIBLE = [0x00AD, 0x034F, 0x061C, 0x115F, 0x1160, 0x17B4, 0x17B5, *range(0x180B, 0x1810)]
+_INVISIBLE += [*range(0x200B, 0x2010), *range(0x202A, 0x202F), *range(0x2060, 0x2070), 0x3164]
+_INVISIBLE += [*range(0xFE00, 0xFE10), 0xFEFF, 0xFFA0, *range(0xFFF0, 0xFFF9)]
+_INVISIBLE += [*range(0x1BCA0, 0x1BCA4), *range(0x1D173, 0x1D17B), *range(0xE0000, 0xE1000)]
 _CONTROLS = [c for c in [*range(0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)]
 _DELETE = dict.fromkeys(_INVISIBLE + _CONTROLS)
+
+# Letters of other scripts that look like Latin ones (NFKC keeps them apart). They are
+# folded only inside a run of non-space characters that also holds an ASCII letter ("Vіаgrа"
+# with Cyrillic і and а, "pharma-ԁеаӏѕ.example"), so Russian or Greek text stays as it is.
+_CONFUSABLE_FROM = (
+    "аеорсухіјѕԁԛԝһӏүАВЕЅІЈКМНОРСТХУҮԚԜӀ"  # Cyrillic
+    "ΑΒΕΖΗΙΚΜΝΟΡΤΥΧοναικρυϲϳ"  # Greek
+    "օսհոցզ"  # Armenian
+    "ıȷɑɡɩ"  # Latin letters outside ASCII
+    "ꓮꓐꓚꓓꓰꓝꓖꓧꓲꓙꓗꓡꓟꓠꓳꓑꓣꓢꓔꓴꓦꓪꓫꓬꓜ"  # Lisu
+    "ᎪᏴᏟᎬᎻᎫᏦᏞᎷᏢᏚᎢᏙᏔᏃ"  # Cherokee
+)
+_CONFUSABLE_TO = (
+    "aeopcyxijsdqwhlyABESIJKMHOPCTXYYQWI"
+    "ABEZHIKMNOPTYXovaikpucj"
+    "ouhngq"
+    "ijagi"
+    "ABCDEFGHIJKLMNOPRSTUVWXYZ"
+    "ABCEHJKLMPSTVWZ"
+)
+# Folding runs after NFKC, which turns some look-alikes into others (lunate sigma into final
+# sigma): those forms are folded too.
+_CONFUSABLES = {
+    ord(form): real
+    for fake, real in zip(_CONFUSABLE_FROM, _CONFUSABLE_TO, strict=True)
+    for form in (fake, unicodedata.normalize("NFKC", fake))
+    if len(form) == 1 and not form.isascii()
+}
+_HAS_CONFUSABLE = re.compile(f"[{re.escape(''.join(map(chr, _CONFUSABLES)))}]")
+_WORD = re.compile(r"\S+")
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+
+
+def _fold_word(m: re.Match[str]) -> str:
+    word = m[0]
+    if _ASCII_LETTER.search(word) and _HAS_CONFUSABLE.search(word):
+        return word.translate(_CONFUSABLES)
+    return word
+
+
+def fold_confusables(text: str) -> str:
+    """Latin look-alikes from other scripts made Latin, in words that mix them with ASCII
+    (a word: a run of non-space characters, so a domain or a hyphenated word is one)."""
+    if not _HAS_CONFUSABLE.search(text):
+        return text
+    return _WORD.sub(_fold_word, text)
+
 
 _SPACES = re.compile(r"[ \t]+")
 _TRAILING = re.compile(r" +\n")
@@ -51,11 +105,12 @@ _BLANKS = re.compile(r"\n{3,}")
 def normalize_text(text: str) -> str:
     """Canonical form of any text, so look-alike tricks and layout noise map to one string.
 
-    NFKC folds fullwidth and other compatibility forms onto plain letters; invisible and
-    control characters go; whitespace is squeezed so layout does not spend model context.
+    NFKC folds fullwidth and other compatibility forms onto plain letters, and Latin
+    look-alikes from other scripts are folded in mixed words; invisible and control
+    characters go; whitespace is squeezed so layout does not spend model context.
     """
     text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_DELETE)
-    text = unicodedata.normalize("NFKC", text)
+    text = fold_confusables(unicodedata.normalize("NFKC", text))
     text = _SPACES.sub(" ", text)
     text = _TRAILING.sub("\n", text)
     return _BLANKS.sub("\n\n", text).strip()
@@ -137,12 +192,31 @@ def _decode(data: bytes, charset: str | None = None) -> str:
 # Leading lines made only of base64 characters; whatever follows (a list footer appended
 # by a mailing list, say) is plain text and stays as it is.
 _B64_LINES = re.compile(rb"(?:[ \t]*[A-Za-z0-9+/=]*[ \t]*(?:\r?\n|\Z))*")
+# A line of base64 with stray characters in it (mail clients skip those, so a spammer can
+# sprinkle them in): one word, mostly of base64 characters.
+_B64_JUNK_LINE = re.compile(rb"[ \t]*(\S+)[ \t]*(?:\r?\n|\Z)")
 _NOT_B64 = re.compile(rb"[^A-Za-z0-9+/]")
+_NOT_B64_OR_PAD = re.compile(rb"[^A-Za-z0-9+/=]")
+
+
+def _b64_end(data: bytes) -> int:
+    """Where the leading base64 lines (clean, or mostly base64 in one word) end."""
+    end = 0
+    while True:
+        end = _B64_LINES.match(data, end).end()
+        junk = _B64_JUNK_LINE.match(data, end)
+        if not junk or end >= len(data):
+            return end
+        word = junk[1]
+        if len(_NOT_B64_OR_PAD.sub(b"", word)) * 4 < len(word) * 3:
+            return end
+        end = junk.end()
 
 
 def _b64(data: bytes) -> bytes:
-    """Lenient base64 that never raises: bad padding is repaired, trailing text kept raw."""
-    end = _B64_LINES.match(data).end()
+    """Lenient base64 that never raises: bad padding is repaired, stray characters are
+    skipped as mail clients skip them, trailing text is kept raw."""
+    end = _b64_end(data)
     clean = _NOT_B64.sub(b"", data[:end])
     if not clean:
         return data  # not base64 at all: the label lied
@@ -176,7 +250,8 @@ def _transfer_decode(body: bytes, cte: str) -> bytes:
 
 # A header block ends at the first line that is neither "Name: value" nor a continuation,
 # the way the stdlib feedparser decides it; one regex keeps it linear.
-_HEADER_BLOCK = re.compile(rb"(?:(?:[\x21-\x39\x3b-\x7e]+:|[ \t])[^\n]*(?:\n|\Z))*")
+# A continuation line with no field before it is body text, not a header to drop.
+_HEADER_BLOCK = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+:[^\n]*(?:\n|\Z)(?:[ \t][^\n]*(?:\n|\Z))*)*")
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 _WANTED = re.compile(
     rb"^(subject|from|content-type|content-disposition|content-transfer-encoding)[ \t]*:(.*)",
@@ -487,9 +562,14 @@ class _Walker:
         self.part(headers, body, depth, "text/plain")
 
     def part(self, headers: dict[str, str], body: bytes, depth: int, default: str) -> None:
-        if self.parts >= self.limits.max_parts or depth > self.limits.max_depth:
+        if self.parts >= self.limits.max_parts:
             return
         self.parts += 1
+        if depth > self.limits.max_depth:
+            # Too deep to walk: its text with the MIME scaffolding removed, so nesting a
+            # payload past the cap does not hide it.
+            self.blocks.append(_MIME_LINE.sub("", _decode(body)))
+            return
         try:
             self._part(headers, body, depth, default)
         except RecursionError:
@@ -554,7 +634,9 @@ class _Walker:
 
 
 def _split_multipart(body: bytes, boundary: str | None, room: int) -> list[bytes] | None:
-    """Raw bytes of at most `room` body parts; None if the boundary never appears.
+    """Raw bytes of at most `room` body parts; None if the boundary never appears. Past
+    `room` parts, the first 3/4 and the last 1/4 are kept: a payload after a run of empty
+    parts is still read.
 
     Some mailers put spaces into the delimiter lines that the boundary parameter lacks, so
     when the exact delimiter is absent a whitespace-blind one is tried.
@@ -573,7 +655,9 @@ def _split_multipart(body: bytes, boundary: str | None, room: int) -> list[bytes
 
 def _cut(body: bytes, mark: bytes, room: int) -> list[bytes] | None:
     delimiter = re.compile(rb"^--" + mark + rb"(--)?[ \t]*\r?$", re.M)
-    kids: list[bytes] = []
+    tail_room = room // 4
+    head: list[tuple[int, int]] = []  # spans, not slices: bytes are copied once, at the end
+    tail: deque[tuple[int, int]] = deque(maxlen=tail_room or None)
     start = None
     for m in delimiter.finditer(body):
         if start is not None:
@@ -582,17 +666,25 @@ def _cut(body: bytes, mark: bytes, room: int) -> list[bytes] | None:
                 end -= 1
             if body[end - 1 : end] == b"\r":
                 end -= 1
-            kids.append(body[start : max(end, start)])
-            if len(kids) >= room:
-                return kids
+            if len(head) < room - tail_room:
+                head.append((start, max(end, start)))
+            elif tail_room:
+                tail.append((start, max(end, start)))
+            else:
+                break
         if m[1]:  # closing delimiter: the epilogue is not part of the message
-            return kids
+            start = None
+            break
         start = m.end() + (body[m.end() : m.end() + 1] == b"\n")
-    if start is None:
-        return None
-    if len(kids) < room:
-        kids.append(body[start:])
-    return kids
+    else:
+        if start is None:
+            return None
+    if start is not None:  # the last part, never closed
+        if len(head) < room - tail_room:
+            head.append((start, len(body)))
+        elif tail_room:
+            tail.append((start, len(body)))
+    return [body[a:b] for a, b in [*head, *tail]]
 
 
 _SNIFF = re.compile(
@@ -619,6 +711,18 @@ def _fallback(raw: bytes) -> str:
     return _MIME_LINE.sub("", _decode(body))
 
 
+def _head_and_tail(raw: bytes, max_bytes: int) -> bytes:
+    """At most max_bytes: the first 3/4 and the last 1/4, cut at line starts, so a text
+    part behind a big attachment is still read."""
+    if len(raw) <= max_bytes:
+        return bytes(raw)
+    head = max_bytes * 3 // 4
+    cut = raw.rfind(b"\n", 0, head) + 1 or head
+    tail = len(raw) - (max_bytes - cut)
+    resume = raw.find(b"\n", tail - 1) + 1 or tail
+    return bytes(raw[:cut]) + bytes(raw[resume:])
+
+
 def message_text(raw: bytes, limits: TextLimits = TextLimits()) -> str:
     """The text the model reads for one raw RFC 5322 / MIME message.
 
@@ -630,7 +734,7 @@ def message_text(raw: bytes, limits: TextLimits = TextLimits()) -> str:
         if isinstance(raw, str):  # be forgiving to callers that already decoded the mail
             raw = raw.encode("utf-8", "replace")
         # One line-ending convention, so bare-CR mail cannot fold the body into a header.
-        raw = bytes(raw[: limits.max_bytes]).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        raw = _head_and_tail(raw, limits.max_bytes).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if raw.startswith(b"From "):  # mbox separator line
             newline = raw.find(b"\n")
             raw = raw[newline + 1 :] if newline >= 0 else b""

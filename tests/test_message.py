@@ -429,19 +429,24 @@ def test_long_text_keeps_head_and_tail():
     assert out.index("\n…\n") == pytest.approx(7_500, abs=20)
 
 
-def test_max_bytes_drops_the_rest():
-    raw = mail("Subject: s", "a" * 1000 + " TAIL")
-    assert "TAIL" not in message_text(raw, TextLimits(max_bytes=500))
-    assert "TAIL" in message_text(raw)
+def test_max_bytes_keeps_head_and_tail():
+    raw = mail("Subject: s", "HEAD\n" + "a\n" * 1000 + "MIDDLE\n" + "b\n" * 1000 + "TAIL")
+    out = message_text(raw, TextLimits(max_bytes=1024))
+    assert "HEAD" in out and "TAIL" in out and "MIDDLE" not in out
+    assert "MIDDLE" in message_text(raw)
 
 
 def test_max_parts_and_depth():
-    parts = [("Content-Type: text/plain", f"part{i}") for i in range(50)]
-    out = message_text(multipart("mixed", parts), TextLimits(max_parts=6))
-    assert "part4" in out and "part5" not in out
+    parts = [("Content-Type: text/plain", f"part{i:02}") for i in range(50)]
+    out = message_text(multipart("mixed", parts), TextLimits(max_parts=9))
+    # the message itself is one part; of the 8 left, the first 6 and the last 2
+    seen = [f"part{i:02}" for i in range(50) if f"part{i:02}" in out]
+    assert seen == ["part00", "part01", "part02", "part03", "part04", "part05", "part48", "part49"]
     raw = nested_multipart(10, "deep payload")
     assert "deep payload" in message_text(raw)
-    assert "deep payload" not in message_text(raw, TextLimits(max_depth=5))
+    # past max_depth the rest is flattened, not dropped: nesting cannot hide a payload
+    flat = message_text(raw, TextLimits(max_depth=5))
+    assert "deep payload" in flat and "Content-Type" not in flat
 
 
 def nested_multipart(depth: int, payload: str) -> bytes:

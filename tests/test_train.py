@@ -4,9 +4,12 @@ import pytest
 import torch
 
 import filterd
+from filterd.checkpoint import CheckpointError
+from filterd.message import TEXT_VERSION
 from filterd.model import GPT2Classifier, architecture
 from filterd.tokenizer import encode
 from tests.conftest import SMS_FILE
+from tests.test_checkpoint import _rewrite_meta
 from trainer import cli
 from trainer.metrics import binary_metrics, choose_threshold, roc_auc
 from trainer.train import Settings, set_trainable, train
@@ -113,6 +116,10 @@ def test_retraining_from_a_checkpoint(tmp_path, sms_slice):
     first, second = tmp_path / "a", tmp_path / "b"
     base = ["--sms", str(sms_slice), "--epochs", "1"]
     assert cli.main([*base, "--init", "random", "--arch", "gpt2-tiny", "--out", str(first)]) == 0
+    # A checkpoint from an older text extraction can't score, but it can be retrained.
+    _rewrite_meta(first / "model.safetensors", text_version=TEXT_VERSION - 1)
+    with pytest.raises(CheckpointError, match="text extraction"):
+        filterd.load_classifier(first)
     assert cli.main([*base, "--init", str(first), "--out", str(second), "--max-tokens", "48"]) == 0
     metrics = json.loads((second / "metrics.json").read_text())
     assert metrics["settings"]["trainable"] == "last-2"

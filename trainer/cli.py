@@ -245,7 +245,7 @@ def initial_model(init: str, arch: str, dropout: float | None):
     if dropout:
         raise DataError("--dropout applies to --init random only")
     if Path(init).exists() and is_checkpoint(init):
-        trained, meta = load_checkpoint(init)
+        trained, meta = load_checkpoint(init, retrain=True)
         model = GPT2Classifier(replace(trained.config, dropout=0.0))
         model.load_state_dict(trained.state_dict())
         return model, meta.arch, meta
