@@ -237,7 +237,23 @@ class MaildirSource:
                         )
                         return
                     unscored = outcome.data
-                where = await asyncio.to_thread(self._settle, found, verdict, unscored)
+                try:
+                    where = await asyncio.to_thread(self._settle, found, verdict, unscored)
+                except OSError as e:  # e.g. the quarantine's disk full or read-only
+                    if verdict is None or verdict.action == "tag":
+                        raise
+                    why = f"{verdict.action} failed: {type(e).__name__}: {e}"
+                    outcome = self.engine.failure(mail, why)
+                    if outcome.disposition == "tempfail":
+                        log.warning(
+                            "source=maildir file=%s action=tempfail reason=%s (retried in %g s)",
+                            path,
+                            why,
+                            self.settings.rescan_seconds,
+                        )
+                        return
+                    verdict, unscored = None, outcome.data
+                    where = await asyncio.to_thread(self._settle, found, None, unscored)
                 p = None if verdict is None else verdict.probability
                 log.info(
                     "source=maildir message_id=%s file=%s score=%s action=%s to=%s latency_ms=%.0f",
