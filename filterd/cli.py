@@ -15,8 +15,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filterd.config import DEFAULT_PATH, Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from filterd.engine import Engine
 
 # Exit statuses (README "Exit codes" lists them for users).
 EX_HAM, EX_SPAM = 0, 1  # `filterd score` of one message, plain output (like spamc -c)
@@ -37,13 +41,26 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
-def _engine(args: argparse.Namespace, config: Config):  # -> Engine, imported lazily
+def _engine(args: argparse.Namespace, config: Config) -> Engine:  # imported lazily: torch
     from filterd.engine import Engine
 
     return Engine.from_config(config, args.checkpoint)
 
 
 # --- score --------------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> tuple[Config, Engine] | int:
+    """The config and the engine, or the exit status after saying what is wrong."""
+    try:
+        config = _config(args)
+        return config, _engine(args, config)
+    except ConfigError as e:
+        _err(str(e))
+        return EX_CONFIG
+    except Exception as e:  # CheckpointError, a bad secret file, ...
+        _err(str(e))
+        return EX_CHECKPOINT
 
 
 def _files(paths: list[Path]) -> Iterator[Path]:
@@ -82,15 +99,10 @@ def _line(path: str | None, verdict=None, error: str | None = None, as_json: boo
 def cmd_score(args: argparse.Namespace) -> int:
     if args.tag:
         return _score_tag(args)
-    try:
-        config = _config(args)
-        engine = _engine(args, config)
-    except ConfigError as e:
-        _err(str(e))
-        return EX_CONFIG
-    except Exception as e:  # CheckpointError, a bad secret file, ...
-        _err(str(e))
-        return EX_CHECKPOINT
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    _, engine = loaded
     from filterd.mail import Mail
 
     if not args.paths:
@@ -196,15 +208,10 @@ def _score_tag(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config, checkpoint, plugins and secret; report what is wrong."""
-    try:
-        config = _config(args)
-        engine = _engine(args, config)
-    except ConfigError as e:
-        _err(str(e))
-        return EX_CONFIG
-    except Exception as e:
-        _err(str(e))
-        return EX_CHECKPOINT
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    config, engine = loaded
     clf = engine.classifier
     print(f"config: {args.config or (DEFAULT_PATH if DEFAULT_PATH.exists() else 'defaults')}")
     path = args.checkpoint or config.checkpoint
@@ -268,15 +275,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """The daemon: the sources the config enables, until SIGTERM (README "filterd serve")."""
     import logging
 
-    try:
-        config = _config(args)
-        engine = _engine(args, config)
-    except ConfigError as e:
-        _err(str(e))
-        return EX_CONFIG
-    except Exception as e:
-        _err(str(e))
-        return EX_CHECKPOINT
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    config, engine = loaded
     logging.basicConfig(
         level=config.daemon.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -12,6 +12,7 @@ config.yaml picks them by that name. Each plugin declares its options as a pydan
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -56,15 +57,16 @@ class Decision:
     action: ActionName = "tag"
 
 
-class Check(Plugin):
+class Check(Plugin, ABC):
     """Runs before the model ("pre": verdict is None) or after it ("post": the model's
     verdict). Returning a Decision settles the message; None leaves it to the next step.
     Checks run in the engine's worker thread, beside the model: keep them quick."""
 
     stage: ClassVar[Literal["pre", "post"]] = "pre"
 
+    @abstractmethod
     def check(self, mail: Mail, verdict: Verdict | None) -> Decision | None:
-        raise NotImplementedError
+        """Subclasses say what this plugin does."""
 
 
 @dataclass(frozen=True)
@@ -77,23 +79,25 @@ class Outcome:
     verdict: Verdict | None = None  # what led to it (None when scoring failed), for logs
 
 
-class Action(Plugin):
+class Action(Plugin, ABC):
     """Carries out a verdict's action (tag, quarantine, reject) for one message. Called in a
     thread, so it may block on disk or network."""
 
+    @abstractmethod
     def apply(self, mail: Mail, verdict: Verdict, engine: Engine) -> Outcome:
-        raise NotImplementedError
+        """Subclasses say what this plugin does."""
 
 
 Handler = Callable[[Mail], Awaitable[Outcome]]
 
 
-class Source(Plugin):
+class Source(Plugin, ABC):
     """Brings messages in, hands each to `handle` and acts on the outcome. One-shot sources
     return an exit status; servers run until cancelled and return 0."""
 
+    @abstractmethod
     async def run(self, handle: Handler) -> int:
-        raise NotImplementedError
+        """Subclasses say what this plugin does."""
 
 
 _BASES: dict[str, type[Plugin]] = {"checks": Check, "actions": Action, "sources": Source}
