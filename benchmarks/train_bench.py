@@ -15,6 +15,7 @@ de-duplicated, balanced SMS train split.
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ def reference_epochs(model, tokens, labels, epochs, batch_size, seed, longest) -
     return times
 
 
-def filterd_epochs(model, tokens, labels, epochs, batch_size, seed, longest) -> list[float]:
+def filterd_epochs(model, tokens, labels, epochs, batch_size, seed) -> list[float]:
     stamps: dict[int, float] = {}
     settings = Settings(
         epochs=epochs, batch_size=batch_size, trainable=2, seed=seed, evaluate_epochs=False
@@ -99,10 +100,11 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
     results = {}
-    for name, run in (("reference", reference_epochs), ("filterd", filterd_epochs)):
+    reference = functools.partial(reference_epochs, longest=longest)
+    for name, run in (("reference", reference), ("filterd", filterd_epochs)):
         torch.manual_seed(0)
         model = GPT2Classifier(architecture(args.arch))
-        times = run(model, tokens, labels, args.epochs, 8, 123, longest)
+        times = run(model, tokens, labels, args.epochs, 8, 123)
         results[name] = sum(times) / len(times)
         per_epoch = ", ".join(f"{t:.1f}" for t in times)
         print(f"{name:>9}: {results[name]:.1f} s/epoch (epochs: {per_epoch})")
