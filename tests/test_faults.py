@@ -36,7 +36,7 @@ from filterd.quarantine import Store
 from tests.test_daemon import Daemon, settings, wait_until
 from tests.test_engine import make_checkpoint
 from tests.test_maildir_source import message, source, until
-from tests.test_smtp_abuse import HAM, Client
+from tests.test_smtp_abuse import HAM, Client, serving
 from tests.test_smtp_proxy import make_config, proxy_running
 
 
@@ -129,18 +129,8 @@ class FaultHop:
 
 @pytest.fixture
 def hop() -> Iterator[FaultHop]:
-    hop = FaultHop()
-    thread = threading.Thread(target=hop.loop.run_forever, daemon=True)
-    thread.start()
-    start = asyncio.start_server(hop._session, "127.0.0.1", 0)
-    server = asyncio.run_coroutine_threadsafe(start, hop.loop).result(5)
-    hop.port = server.sockets[0].getsockname()[1]
-    try:
-        yield hop
-    finally:
-        server.close()
-        hop.loop.call_soon_threadsafe(hop.loop.stop)
-        thread.join(5)
+    with serving(FaultHop()) as running:
+        yield running
 
 
 def send(port: int, raw: bytes) -> object:

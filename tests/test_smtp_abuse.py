@@ -78,9 +78,9 @@ class RawHop:
         return out
 
 
-@pytest.fixture
-def hop() -> Iterator[RawHop]:
-    hop = RawHop()
+@contextlib.contextmanager
+def serving(hop):
+    """Run a next hop (an object with .loop and ._session) on 127.0.0.1 in its own thread."""
     thread = threading.Thread(target=hop.loop.run_forever, daemon=True)
     thread.start()
     start = asyncio.start_server(hop._session, "127.0.0.1", 0)
@@ -92,6 +92,12 @@ def hop() -> Iterator[RawHop]:
         server.close()
         hop.loop.call_soon_threadsafe(hop.loop.stop)
         thread.join(5)
+
+
+@pytest.fixture
+def hop() -> Iterator[RawHop]:
+    with serving(RawHop()) as running:
+        yield running
 
 
 class Client:
