@@ -284,6 +284,15 @@ def test_failure_policy_over_smtp(tmp_path, sink):
     assert data.startswith(b"X-Spam-Status: Unscored, reason=ScoringTimeout")
 
 
+def sending(proxy, results: list) -> threading.Thread:
+    """A client in a thread that sends MSG and appends sendmail's result to results."""
+    return threading.Thread(
+        target=lambda: results.append(
+            smtplib.SMTP("127.0.0.1", proxy.port).sendmail("a@x.example", ["b@y.example"], MSG)
+        )
+    )
+
+
 def test_overload_answers_451_and_too_many_connections_421(tmp_path, sink):
     config = make_config(tmp_path, sink.port, smtp={"max_queue": 1, "max_connections": 2})
     release = threading.Event()
@@ -294,11 +303,7 @@ def test_overload_answers_451_and_too_many_connections_421(tmp_path, sink):
 
     results = []
     with proxy_running(config, slow) as proxy:
-        first = threading.Thread(
-            target=lambda: results.append(
-                smtplib.SMTP("127.0.0.1", proxy.port).sendmail("a@x.example", ["b@y.example"], MSG)
-            )
-        )
+        first = sending(proxy, results)
         first.start()
         while proxy.in_flight == 0:
             time.sleep(0.01)
@@ -326,11 +331,7 @@ def test_stop_lets_messages_in_progress_finish(tmp_path, sink):
 
     results = []
     with proxy_running(config, slow) as proxy:
-        sender = threading.Thread(
-            target=lambda: results.append(
-                smtplib.SMTP("127.0.0.1", proxy.port).sendmail("a@x.example", ["b@y.example"], MSG)
-            )
-        )
+        sender = sending(proxy, results)
         sender.start()
         assert started.wait(5)
         port = proxy.port
