@@ -13,6 +13,7 @@ attention mask, as a user of GPT2ForSequenceClassification would run it.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def main() -> None:
     config = architecture("gpt2")
     ours = GPT2Classifier(config).eval()
     meta = CheckpointMeta(arch="gpt2", config=config.to_dict(), max_tokens=args.max_tokens)
+    clf8 = Classifier(copy.deepcopy(ours), meta, precision="int8")
     clf = Classifier(ours, meta)
     ids = [clf.tokens(message_text(r)) for r in raws]
     batch = BATCH_TOKENS // args.max_tokens  # what filterd's batches hold at full length
@@ -84,19 +86,22 @@ def main() -> None:
     tokens = sum(map(len, ids))
     print(f"{len(raws)} messages, {tokens} tokens (mean {tokens / len(ids):.0f}), batch {batch}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    clf.score_tokens(ids[:8])  # warm up both
+    clf.score_tokens(ids[:8])  # warm up all
+    clf8.score_tokens(ids[:8])
     hf_scores(hf, ids[:8], 8)
 
     t_ours = timed(lambda: clf.score_messages(raws))
     t_model = timed(lambda: clf.score_tokens(ids))
     t_hf = timed(lambda: hf_scores(hf, ids, batch))
+    t_int8 = timed(lambda: clf8.score_messages(raws))
     n = len(raws)
     print(f"filterd (extract + tokenize + model): {n / t_ours:7.2f} msgs/s  ({t_ours:.1f} s)")
     print(f"filterd (model only, same ids):       {n / t_model:7.2f} msgs/s  ({t_model:.1f} s)")
+    print(f"filterd int8 (extract + tokenize + model): {n / t_int8:7.2f} msgs/s  ({t_int8:.1f} s)")
     print(f"transformers GPT2ForSequenceClass.:   {n / t_hf:7.2f} msgs/s  ({t_hf:.1f} s)")
     print(
         f"ratio filterd / transformers: {t_hf / t_ours:.2f}x end to end, "
-        f"{t_hf / t_model:.2f}x model only"
+        f"{t_hf / t_model:.2f}x model only; int8: {t_hf / t_int8:.2f}x end to end"
     )
 
 

@@ -14,6 +14,7 @@ import torch
 from filterd.checkpoint import CheckpointMeta, load_checkpoint
 from filterd.message import TextLimits, message_text
 from filterd.model import GPT2Classifier, pad_batch
+from filterd.quantize import PRECISIONS, quantize_int8
 from filterd.tokenizer import ENDOFTEXT, encode
 
 # Micro-batches group messages of similar length and hold at most this many padded
@@ -29,11 +30,21 @@ class Classifier:
         meta: CheckpointMeta,
         limits: TextLimits = TextLimits(),
         device: str | torch.device = "cpu",
+        precision: str = "float32",
     ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model = model.to(device).eval()
         self.meta = meta
         self.limits = limits
         self.device = torch.device(device)
+        self.precision = precision
+        # int8 quantizes activations per input tensor: one message per batch keeps each
+        # score independent of its batch-mates (and it wastes no work on padding).
+        self.max_batch = MAX_BATCH
+        if precision == "int8":
+            quantize_int8(self.model)
+            self.max_batch = 1
 
     @property
     def threshold(self) -> float:
@@ -50,6 +61,13 @@ class Classifier:
         """Spam probability of each model text (already extracted or an SMS)."""
         return self.score_tokens([self.tokens(t) for t in texts])
 
+    def reload(self, path: str | os.PathLike) -> Classifier:
+        """Another checkpoint, loaded the way this one was (for the daemon's reloads)."""
+        return load_classifier(path, self.device, self.limits, self.precision)
+
+    def close(self) -> None:
+        """Nothing to release in this process (ProcessClassifier stops its child here)."""
+
     def score_message(self, raw: bytes) -> float:
         return self.score_messages([raw])[0]
 
@@ -59,7 +77,7 @@ class Classifier:
     @torch.inference_mode()
     def score_tokens(self, token_lists: Sequence[list[int]]) -> list[float]:
         scores = [0.0] * len(token_lists)
-        for batch in length_batches([len(t) for t in token_lists], BATCH_TOKENS, MAX_BATCH):
+        for batch in length_batches([len(t) for t in token_lists], BATCH_TOKENS, self.max_batch):
             ids, lengths = pad_batch([token_lists[i] for i in batch], ENDOFTEXT, self.device)
             probs = torch.softmax(self.model(ids, lengths).double(), dim=-1)[:, 1]
             for i, p in zip(batch, probs.tolist(), strict=True):
@@ -87,7 +105,8 @@ def load_classifier(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
     limits: TextLimits = TextLimits(),
+    precision: str = "float32",
 ) -> Classifier:
     """Load a filterd checkpoint (file or folder) ready to score."""
     model, meta = load_checkpoint(path, device)
-    return Classifier(model, meta, limits, device)
+    return Classifier(model, meta, limits, device, precision)

@@ -41,20 +41,22 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
-def _engine(args: argparse.Namespace, config: Config) -> Engine:  # imported lazily: torch
+def _engine(  # imported lazily: torch
+    args: argparse.Namespace, config: Config, child_process: bool = False
+) -> Engine:
     from filterd.engine import Engine
 
-    return Engine.from_config(config, args.checkpoint)
+    return Engine.from_config(config, args.checkpoint, child_process)
 
 
 # --- score --------------------------------------------------------------------------------
 
 
-def _load(args: argparse.Namespace) -> tuple[Config, Engine] | int:
+def _load(args: argparse.Namespace, serving: bool = False) -> tuple[Config, Engine] | int:
     """The config and the engine, or the exit status after saying what is wrong."""
     try:
         config = _config(args)
-        return config, _engine(args, config)
+        return config, _engine(args, config, serving and config.daemon.scoring_process)
     except ConfigError as e:
         _err(str(e))
         return EX_CONFIG
@@ -275,7 +277,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """The daemon: the sources the config enables, until SIGTERM (README "filterd serve")."""
     import logging
 
-    loaded = _load(args)
+    loaded = _load(args, serving=True)
     if isinstance(loaded, int):
         return loaded
     config, engine = loaded

@@ -138,6 +138,9 @@ class Daemon(_Section):
     # SIGTERM: the longest wait for messages being scored or relayed to get their answer.
     stop_timeout_seconds: float = Field(90.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Score in a child process: text extraction and the model then never hold up the SMTP
+    # dialogue or the Maildir watcher (they share no GIL). false: all in one process.
+    scoring_process: bool = True
 
 
 class PluginChoice(_Section):
@@ -150,6 +153,7 @@ class PluginChoice(_Section):
 class Config(_Section):
     checkpoint: Path | None = None
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    precision: Literal["float32", "int8"] = "float32"
     limits: Limits = Limits()
     scoring: Scoring = Scoring()
     headers: Headers = Headers()
@@ -159,6 +163,12 @@ class Config(_Section):
     smtp: Smtp = Smtp()
     daemon: Daemon = Daemon()
     checks: list[PluginChoice] = []
+
+    @model_validator(mode="after")
+    def _int8_on_cpu(self) -> Config:
+        if self.precision == "int8" and self.device != "cpu":
+            raise ValueError("precision: int8 runs on the CPU only; set device: cpu")
+        return self
 
     @model_validator(mode="after")
     def _no_backscatter(self) -> Config:

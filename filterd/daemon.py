@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from filterd.checkpoint import checkpoint_path
-from filterd.classifier import load_classifier
 from filterd.config import Config, ConfigError
 from filterd.engine import Engine
 from filterd.maildir_source import MaildirSource
@@ -53,9 +52,7 @@ class Reloader:
             self._seen = self._stamp()  # taken first: a change during the load loads again
             current = self.engine.classifier
             try:
-                new = await asyncio.to_thread(
-                    load_classifier, self.path, current.device, current.limits
-                )
+                new = await asyncio.to_thread(current.reload, self.path)
                 self.engine.swap(new)
             except Exception as e:
                 log.error("reload (%s) failed, keeping the old model: %s", why, e)

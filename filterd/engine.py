@@ -24,6 +24,7 @@ from filterd.headers import Tagger, load_secret
 from filterd.mail import Mail
 from filterd.plugins import Action, Check, Decision, Outcome
 from filterd.quarantine import Store
+from filterd.scoring_process import ProcessClassifier
 from filterd.verdict import Verdict, action_for
 
 ACTIONS = ("tag", "quarantine", "reject")
@@ -36,7 +37,7 @@ class ScoringTimeout(TimeoutError):
 class Engine:
     def __init__(
         self,
-        classifier: Classifier,
+        classifier: Classifier | ProcessClassifier,
         config: Config | None = None,
         tagger: Tagger | None = None,
         checks: Sequence[Check] = (),
@@ -55,8 +56,11 @@ class Engine:
         self._store: Store | None = None
 
     @classmethod
-    def from_config(cls, config: Config, checkpoint: Path | None = None) -> Engine:
-        """Load checkpoint (else config's), plugins and secret; errors name the setting."""
+    def from_config(
+        cls, config: Config, checkpoint: Path | None = None, child_process: bool = False
+    ) -> Engine:
+        """Load checkpoint (else config's), plugins and secret; errors name the setting.
+        With child_process, the model is loaded and run in a process of its own."""
         path = checkpoint or config.checkpoint
         if path is None:
             raise ConfigError("checkpoint: not set (pass --checkpoint or set it in the config)")
@@ -77,29 +81,34 @@ class Engine:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        clf = load_classifier(path, device, config.limits.text_limits())
+        load = ProcessClassifier if child_process else load_classifier
+        clf = load(path, device, config.limits.text_limits(), config.precision)
         return cls(clf, config, tagger, checks, actions)
 
     # --- the model ---------------------------------------------------------------------
 
     @property
-    def classifier(self) -> Classifier:
+    def classifier(self) -> Classifier | ProcessClassifier:
         return self._classifier
 
-    def _checked(self, classifier: Classifier) -> Classifier:
+    def _checked(
+        self, classifier: Classifier | ProcessClassifier
+    ) -> Classifier | ProcessClassifier:
         try:
             self.config.scoring.check_order(self.threshold_of(classifier))
         except ValueError as e:
             raise ConfigError(f"scoring: {e} (threshold from the checkpoint)") from e
         return classifier
 
-    def threshold_of(self, classifier: Classifier) -> float:
+    def threshold_of(self, classifier: Classifier | ProcessClassifier) -> float:
         configured = self.config.scoring.threshold
         return classifier.threshold if configured is None else configured
 
-    def swap(self, classifier: Classifier) -> None:
-        """Use another model from the next batch on; refused if it breaks the thresholds."""
-        self._classifier = self._checked(classifier)
+    def swap(self, classifier: Classifier | ProcessClassifier) -> None:
+        """Use another model from the next batch on; refused if it breaks the thresholds.
+        The old one is closed once the batch it may be scoring is done."""
+        old, self._classifier = self._classifier, self._checked(classifier)
+        old.close()
 
     @property
     def store(self) -> Store:
@@ -214,6 +223,7 @@ class Engine:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        self._classifier.close()
 
 
 def failure(mail: Mail, why: str, policy: str, tagger: Tagger) -> Outcome:

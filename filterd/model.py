@@ -79,12 +79,19 @@ def architecture_name(config: GPTConfig) -> str:
     return "custom"
 
 
+class Linear(nn.Linear):
+    """nn.Linear that can also compute a slice of its outputs (the int8 twin has it too)."""
+
+    def rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return F.linear(x, self.weight[start:stop], self.bias[start:stop])
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -172,9 +179,8 @@ class GPT2Classifier(nn.Module):
         H = attn.n_head
         rows, last = torch.arange(B, device=x.device), lengths - 1
         h = block.ln_1(x)
-        w, b = attn.c_attn.weight, attn.c_attn.bias
-        k, v = F.linear(h, w[C:], b[C:]).split(C, dim=2)
-        q = F.linear(h[rows, last], w[:C], b[:C])
+        k, v = attn.c_attn.rows(h, C, 3 * C).split(C, dim=2)
+        q = attn.c_attn.rows(h[rows, last], 0, C)
         q = q.view(B, 1, H, C // H).transpose(1, 2)
         k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (k, v))
         visible = torch.arange(T, device=x.device)[None, :] <= last[:, None]

@@ -1,5 +1,6 @@
 """`filterd serve` as a real process: reloads and SIGTERM never lose a message."""
 
+import contextlib
 import json
 import os
 import re
@@ -30,6 +31,7 @@ class Daemon:
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            start_new_session=True,  # a process group of its own, as systemd gives it
         )
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -52,13 +54,14 @@ class Daemon:
         raise AssertionError(f"no {pattern!r} in:\n{''.join(self.lines)}")
 
     def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
+        """SIGTERM to the whole group, the scoring process too, as systemd stops a unit."""
+        os.killpg(self.proc.pid, signal.SIGTERM)
         return self.proc.wait(30)
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
 
 
 class Sender(threading.Thread):
@@ -200,6 +203,8 @@ def test_sigterm_finishes_messages_in_flight_and_loses_none(tmp_path):
         assert answers[mid] == "disconnected" or 400 <= answers[mid] < 500, answers[mid]
     after = [t for s in senders for t in s.acked_at.values() if t > term]
     assert after, "no message was in flight at SIGTERM"
+    # ... and the model kept scoring them: none went out unscored (fail open).
+    assert not [d for _, _, d in sink.messages if b"X-Spam-Status: Unscored" in d]
     assert "stopped" in daemon.lines[-1]
 
 

@@ -87,6 +87,9 @@ class Counting:
         time.sleep(self.delay)
         return [0.9 if b"spam" in r else 0.1 for r in raws]
 
+    def close(self) -> None:
+        self.closed = True
+
 
 def test_async_arrivals_share_a_batch_off_the_loop():
     clf = Counting(delay=0.2)
