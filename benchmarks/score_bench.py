@@ -95,10 +95,12 @@ def main() -> None:
     t_hf = timed(lambda: hf_scores(hf, ids, batch))
     t_int8 = timed(lambda: clf8.score_messages(raws))
     n = len(raws)
-    print(f"filterd (extract + tokenize + model): {n / t_ours:7.2f} msgs/s  ({t_ours:.1f} s)")
-    print(f"filterd (model only, same ids):       {n / t_model:7.2f} msgs/s  ({t_model:.1f} s)")
+    print(f"filterd (extract + tokenize + model):      {n / t_ours:7.2f} msgs/s  ({t_ours:.1f} s)")
+    print(
+        f"filterd (model only, same ids):            {n / t_model:7.2f} msgs/s  ({t_model:.1f} s)"
+    )
     print(f"filterd int8 (extract + tokenize + model): {n / t_int8:7.2f} msgs/s  ({t_int8:.1f} s)")
-    print(f"transformers GPT2ForSequenceClass.:   {n / t_hf:7.2f} msgs/s  ({t_hf:.1f} s)")
+    print(f"transformers GPT2ForSequenceClass.:        {n / t_hf:7.2f} msgs/s  ({t_hf:.1f} s)")
     print(
         f"ratio filterd / transformers: {t_hf / t_ours:.2f}x end to end, "
         f"{t_hf / t_model:.2f}x model only; int8: {t_hf / t_int8:.2f}x end to end"

@@ -90,7 +90,7 @@ def write_checkpoint(arch: str, folder: Path) -> Path:
     return save_checkpoint(folder, model, meta)
 
 
-async def start_daemon(checkpoint: Path, sink_port: int, senders: int, folder: Path):
+async def start_daemon(checkpoint: Path, sink_port: int, senders: int, folder: Path, child: bool):
     config = {
         "checkpoint": str(checkpoint),
         "headers": {"secret_file": str(folder / "secret")},
@@ -98,7 +98,7 @@ async def start_daemon(checkpoint: Path, sink_port: int, senders: int, folder: P
         "relay": {"port": sink_port, "timeout_seconds": 60},
         "smtp": {"enabled": True, "port": 0, "max_queue": max(64, senders)},
         "scoring": {"timeout_seconds": 900},
-        "daemon": {"reload_check_seconds": 0},
+        "daemon": {"reload_check_seconds": 0, "scoring_process": child},
     }
     (folder / "config.yaml").write_text(json.dumps(config))
     log = folder / "daemon.log"
@@ -137,7 +137,7 @@ async def send_all(port: int, messages: list[bytes], senders: int) -> tuple[list
     return latencies, acked
 
 
-async def run(arch: str, n: int, senders: int, corpus: Path) -> None:
+async def run(arch: str, n: int, senders: int, corpus: Path, child: bool) -> None:
     messages = smtp_messages(n, corpus)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -147,7 +147,7 @@ async def run(arch: str, n: int, senders: int, corpus: Path) -> None:
             lambda: Sink(relayed), "127.0.0.1", 0
         )
         proc, port = await start_daemon(
-            checkpoint, server.sockets[0].getsockname()[1], senders, folder
+            checkpoint, server.sockets[0].getsockname()[1], senders, folder, child
         )
         try:
             await send_all(port, messages[: min(senders, 8)], min(senders, 8))  # warm up
@@ -169,7 +169,8 @@ async def run(arch: str, n: int, senders: int, corpus: Path) -> None:
     p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))] if ms else float("nan")
     proxy_rate, raw_rate = n / elapsed, n / t_raw
     print(
-        f"{arch}: {n} messages, {senders} senders: {proxy_rate:.1f} msgs/s through the proxy "
+        f"{arch}{'' if child else ' (one process)'}: {n} messages, {senders} senders: "
+        f"{proxy_rate:.1f} msgs/s through the proxy "
         f"({elapsed:.1f} s), p50 {statistics.median(ms) if ms else float('nan'):.0f} ms, "
         f"p99 {p99:.0f} ms; sent {n}, acked {len(acked)}, relayed {len(relayed)}, lost {lost}"
     )
@@ -186,11 +187,15 @@ def main() -> None:
     parser.add_argument("--tiny", type=int, default=2000, help="messages for gpt2-tiny; 0: skip")
     parser.add_argument("--gpt2", type=int, default=64, help="messages for gpt2; 0: skip")
     parser.add_argument("--corpus", type=Path, default=CORPUS)
+    parser.add_argument(
+        "--one-process", action="store_true", help="daemon.scoring_process false as well"
+    )
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     for arch, n in (("gpt2-tiny", args.tiny), ("gpt2", args.gpt2)):
-        if n:
-            asyncio.run(run(arch, n, args.senders, args.corpus))
+        for child in (True, False) if args.one_process else (True,):
+            if n:
+                asyncio.run(run(arch, n, args.senders, args.corpus, child))
 
 
 if __name__ == "__main__":
