@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import get_args
 
 import torch
 
 from filterd.checkpoint import CheckpointMeta, load_checkpoint
+from filterd.config import Precision
 from filterd.message import TextLimits, message_text
 from filterd.model import GPT2Classifier, pad_batch
-from filterd.quantize import PRECISIONS, quantize_int8
+from filterd.quantize import quantize_int8
 from filterd.tokenizer import ENDOFTEXT, encode
 
 # Micro-batches group messages of similar length and hold at most this many padded
@@ -30,10 +32,10 @@ class Classifier:
         meta: CheckpointMeta,
         limits: TextLimits = TextLimits(),
         device: str | torch.device = "cpu",
-        precision: str = "float32",
+        precision: Precision = "float32",
     ):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision not in get_args(Precision):
+            raise ValueError(f"precision must be one of {get_args(Precision)}, got {precision!r}")
         self.model = model.to(device).eval()
         self.meta = meta
         self.limits = limits
@@ -105,7 +107,7 @@ def load_classifier(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
     limits: TextLimits = TextLimits(),
-    precision: str = "float32",
+    precision: Precision = "float32",
 ) -> Classifier:
     """Load a filterd checkpoint (file or folder) ready to score."""
     model, meta = load_checkpoint(path, device)

@@ -18,6 +18,8 @@ from filterd.message import TextLimits
 
 DEFAULT_PATH = Path("/etc/filterd/config.yaml")
 
+Precision = Literal["float32", "int8"]  # how the model's Linear layers compute
+
 
 def state_dir() -> Path:
     """Where filterd keeps its secret and quarantine by default: per user, no root needed."""
@@ -153,7 +155,7 @@ class PluginChoice(_Section):
 class Config(_Section):
     checkpoint: Path | None = None
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    precision: Literal["float32", "int8"] = "float32"
+    precision: Precision = "float32"
     limits: Limits = Limits()
     scoring: Scoring = Scoring()
     headers: Headers = Headers()

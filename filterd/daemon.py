@@ -53,7 +53,11 @@ class Reloader:
             current = self.engine.classifier
             try:
                 new = await asyncio.to_thread(current.reload, self.path)
-                self.engine.swap(new)
+                try:
+                    self.engine.swap(new)
+                except Exception:
+                    new.close()  # refused (it breaks the thresholds): no child may linger
+                    raise
             except Exception as e:
                 log.error("reload (%s) failed, keeping the old model: %s", why, e)
                 return False

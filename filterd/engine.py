@@ -83,7 +83,11 @@ class Engine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         load = ProcessClassifier if child_process else load_classifier
         clf = load(path, device, config.limits.text_limits(), config.precision)
-        return cls(clf, config, tagger, checks, actions)
+        try:
+            return cls(clf, config, tagger, checks, actions)
+        except ConfigError:  # the checkpoint's threshold breaks the configured ones
+            clf.close()
+            raise
 
     # --- the model ---------------------------------------------------------------------
 
@@ -106,9 +110,9 @@ class Engine:
 
     def swap(self, classifier: Classifier | ProcessClassifier) -> None:
         """Use another model from the next batch on; refused if it breaks the thresholds.
-        The old one is closed once the batch it may be scoring is done."""
+        The old one is closed on the model thread, so after the batch it may be scoring."""
         old, self._classifier = self._classifier, self._checked(classifier)
-        old.close()
+        self._executor.submit(old.close)
 
     @property
     def store(self) -> Store:
@@ -133,7 +137,7 @@ class Engine:
             else:
                 out.append(self._run_checks("pre", mail, None, threshold, clf.name))
         todo = [i for i, v in enumerate(out) if v is None]
-        probabilities = clf.score_messages([mails[i].raw for i in todo])
+        probabilities = clf.score_messages([mails[i].raw for i in todo]) if todo else []
         for i, p in zip(todo, probabilities, strict=True):
             action = action_for(p, scoring.quarantine_threshold, scoring.reject_threshold)
             verdict = Verdict(p, p >= threshold, action, threshold, clf.name)

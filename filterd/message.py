@@ -711,9 +711,9 @@ def _fallback(raw: bytes) -> str:
     return _MIME_LINE.sub("", _decode(body))
 
 
-def _head_and_tail(raw: bytes, max_bytes: int) -> bytes:
+def head_and_tail(raw: bytes, max_bytes: int) -> bytes:
     """At most max_bytes: the first 3/4 and the last 1/4, cut at line starts, so a text
-    part behind a big attachment is still read."""
+    part behind a big attachment is still read. Cutting again changes nothing."""
     if len(raw) <= max_bytes:
         return bytes(raw)
     head = max_bytes * 3 // 4
@@ -734,7 +734,7 @@ def message_text(raw: bytes, limits: TextLimits = TextLimits()) -> str:
         if isinstance(raw, str):  # be forgiving to callers that already decoded the mail
             raw = raw.encode("utf-8", "replace")
         # One line-ending convention, so bare-CR mail cannot fold the body into a header.
-        raw = _head_and_tail(raw, limits.max_bytes).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        raw = head_and_tail(raw, limits.max_bytes).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if raw.startswith(b"From "):  # mbox separator line
             newline = raw.find(b"\n")
             raw = raw[newline + 1 :] if newline >= 0 else b""

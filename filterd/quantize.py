@@ -15,8 +15,6 @@ from torch import nn
 
 from filterd.model import GPT2Classifier
 
-PRECISIONS = ("float32", "int8")
-
 
 class Int8Linear(nn.Module):
     """A frozen nn.Linear with int8 weights; `rows` computes a slice of its outputs."""

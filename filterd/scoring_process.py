@@ -10,27 +10,33 @@ what happens to its messages) and the next batch starts a new child.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from filterd.checkpoint import CheckpointMeta
 from filterd.classifier import Classifier, load_classifier
-from filterd.message import TextLimits
+from filterd.config import Precision
+from filterd.message import TextLimits, head_and_tail
 
 _child: Classifier | None = None  # in the child process: its one model
+RESTART_PAUSE = 10.0
+log = logging.getLogger("filterd")
 
 
 def _child_setup() -> None:
-    # systemd (and a terminal's Ctrl-C) signal the whole group: the daemon drains its
-    # messages on SIGTERM, and the child has to keep scoring them until it is told to stop.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # systemd signals every process of the unit's cgroup, a terminal its whole group: the
+    # daemon drains its messages on SIGTERM (and reloads on SIGHUP), and the child has to
+    # keep scoring until the daemon tells it to stop.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     # The parent may die without a word (SIGKILL, OOM killer): no orphan outlives it.
     parent = multiprocessing.parent_process()
     if parent is not None:
@@ -42,7 +48,9 @@ def _exit_with(parent_sentinel: int) -> None:
     os._exit(1)
 
 
-def _load(path: str, device: str, limits: TextLimits, precision: str) -> tuple[CheckpointMeta, int]:
+def _load(
+    path: str, device: str, limits: TextLimits, precision: Precision
+) -> tuple[CheckpointMeta, int]:
     global _child
     _child = load_classifier(path, device, limits, precision)
     return _child.meta, os.getpid()
@@ -54,7 +62,7 @@ def _score(raws: Sequence[bytes]) -> list[float]:
 
 
 class ScoringProcessError(RuntimeError):
-    """The child process died or could not start again."""
+    """The child process died, or no new one may be started yet."""
 
 
 class ProcessClassifier:
@@ -65,13 +73,15 @@ class ProcessClassifier:
         path: str | os.PathLike,
         device: str = "cpu",
         limits: TextLimits = TextLimits(),
-        precision: str = "float32",
+        precision: Precision = "float32",
     ):
         self.path = os.fspath(path)
         self.device = device
         self.limits = limits
         self.precision = precision
+        self._pool: ProcessPoolExecutor | None
         self._pool, self.meta, self.pid = self._start()
+        self._restart_after = 0.0  # monotonic time before which no restart is tried
 
     def _start(self) -> tuple[ProcessPoolExecutor, CheckpointMeta, int]:
         pool = ProcessPoolExecutor(
@@ -93,19 +103,31 @@ class ProcessClassifier:
         return self.meta.arch
 
     def score_messages(self, raws: Sequence[bytes]) -> list[float]:
-        if self._pool is None:  # the last child died: a new one, with the same checkpoint
-            pool, meta, pid = self._start()
-            if meta != self.meta:
-                pool.shutdown(wait=False)
-                raise ScoringProcessError(
-                    f"{self.path} changed since it was loaded; waiting for the reload"
-                )
-            self._pool, self.pid = pool, pid
+        pool = self._pool or self._restart()
+        # Only what message_text reads crosses to the child: a 50 MB message costs 2 MB.
+        clipped = [head_and_tail(raw, self.limits.max_bytes) for raw in raws]
         try:
-            return self._pool.submit(_score, list(raws)).result()
+            return pool.submit(_score, clipped).result()
         except BrokenProcessPool as e:
             self._pool = None
+            log.error("scoring process %d died: %s", self.pid, e)
             raise ScoringProcessError(f"the scoring process died: {e}") from e
+
+    def _restart(self) -> ProcessPoolExecutor:
+        """A new child with the same checkpoint. A failed start is not tried again for
+        RESTART_PAUSE seconds: until then batches fail at once, not after a model load."""
+        if time.monotonic() < self._restart_after:
+            raise ScoringProcessError("no scoring process (the last start failed)")
+        self._restart_after = time.monotonic() + RESTART_PAUSE
+        pool, meta, pid = self._start()
+        if meta != self.meta:
+            pool.shutdown(wait=False)
+            raise ScoringProcessError(
+                f"{self.path} changed since it was loaded; a reload has to load it"
+            )
+        log.warning("scoring process %d started in place of %d", pid, self.pid)
+        self._pool, self.pid, self._restart_after = pool, pid, 0.0
+        return pool
 
     def reload(self, path: str | os.PathLike) -> ProcessClassifier:
         """Another checkpoint in a new child, loaded the way this one was."""
