@@ -7,6 +7,7 @@ user tests by hand is what the mail server runs.
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import get_args
 
@@ -25,7 +26,37 @@ BATCH_TOKENS = 8192
 MAX_BATCH = 64
 
 
-class Classifier:
+class Scorer(ABC):
+    """A loaded checkpoint as the engine uses it, wherever its model runs: here
+    (Classifier) or in a child process (filterd.scoring_process.ProcessClassifier)."""
+
+    meta: CheckpointMeta
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta.threshold)
+
+    @property
+    def name(self) -> str:
+        return self.meta.arch
+
+    @abstractmethod
+    def score_messages(self, raws: Sequence[bytes]) -> list[float]:
+        """Spam probability of each raw RFC 5322 message."""
+
+    def score_message(self, raw: bytes) -> float:
+        return self.score_messages([raw])[0]
+
+    @abstractmethod
+    def reload(self, path: str | os.PathLike) -> Scorer:
+        """Another checkpoint, loaded the way this one was (for the daemon's reloads)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the model holds; a batch being scored still finishes."""
+
+
+class Classifier(Scorer):
     def __init__(
         self,
         model: GPT2Classifier,
@@ -48,14 +79,6 @@ class Classifier:
             quantize_int8(self.model)
             self.max_batch = 1
 
-    @property
-    def threshold(self) -> float:
-        return float(self.meta.threshold)
-
-    @property
-    def name(self) -> str:
-        return self.meta.arch
-
     def tokens(self, text: str) -> list[int]:
         return encode(text, self.meta.max_tokens)
 
@@ -64,14 +87,10 @@ class Classifier:
         return self.score_tokens([self.tokens(t) for t in texts])
 
     def reload(self, path: str | os.PathLike) -> Classifier:
-        """Another checkpoint, loaded the way this one was (for the daemon's reloads)."""
         return load_classifier(path, self.device, self.limits, self.precision)
 
     def close(self) -> None:
-        """Nothing to release in this process (ProcessClassifier stops its child here)."""
-
-    def score_message(self, raw: bytes) -> float:
-        return self.score_messages([raw])[0]
+        """Nothing to release: the model lives in this process until it is dropped."""
 
     def score_messages(self, raws: Sequence[bytes]) -> list[float]:
         return self.score_texts([message_text(r, self.limits) for r in raws])

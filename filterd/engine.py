@@ -18,7 +18,7 @@ from pathlib import Path
 
 from filterd import plugins
 from filterd.checkpoint import checkpoint_path
-from filterd.classifier import MAX_BATCH, Classifier, load_classifier
+from filterd.classifier import MAX_BATCH, Scorer, load_classifier
 from filterd.config import Config, ConfigError, PluginChoice
 from filterd.headers import Tagger, load_secret
 from filterd.mail import Mail
@@ -37,7 +37,7 @@ class ScoringTimeout(TimeoutError):
 class Engine:
     def __init__(
         self,
-        classifier: Classifier | ProcessClassifier,
+        classifier: Scorer,
         config: Config | None = None,
         tagger: Tagger | None = None,
         checks: Sequence[Check] = (),
@@ -92,23 +92,21 @@ class Engine:
     # --- the model ---------------------------------------------------------------------
 
     @property
-    def classifier(self) -> Classifier | ProcessClassifier:
+    def classifier(self) -> Scorer:
         return self._classifier
 
-    def _checked(
-        self, classifier: Classifier | ProcessClassifier
-    ) -> Classifier | ProcessClassifier:
+    def _checked(self, classifier: Scorer) -> Scorer:
         try:
             self.config.scoring.check_order(self.threshold_of(classifier))
         except ValueError as e:
             raise ConfigError(f"scoring: {e} (threshold from the checkpoint)") from e
         return classifier
 
-    def threshold_of(self, classifier: Classifier | ProcessClassifier) -> float:
+    def threshold_of(self, classifier: Scorer) -> float:
         configured = self.config.scoring.threshold
         return classifier.threshold if configured is None else configured
 
-    def swap(self, classifier: Classifier | ProcessClassifier) -> None:
+    def swap(self, classifier: Scorer) -> None:
         """Use another model from the next batch on; refused if it breaks the thresholds.
         The old one is closed on the model thread, so after the batch it may be scoring."""
         old, self._classifier = self._classifier, self._checked(classifier)

@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from filterd.checkpoint import CheckpointMeta
-from filterd.classifier import Classifier, load_classifier
+from filterd.classifier import Classifier, Scorer, load_classifier
 from filterd.config import Precision
 from filterd.message import TextLimits, head_and_tail
 
@@ -65,7 +65,7 @@ class ScoringProcessError(RuntimeError):
     """The child process died, or no new one may be started yet."""
 
 
-class ProcessClassifier:
+class ProcessClassifier(Scorer):
     """A checkpoint loaded and scored in a child process; blocks the calling thread only."""
 
     def __init__(
@@ -93,14 +93,6 @@ class ProcessClassifier:
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-
-    @property
-    def threshold(self) -> float:
-        return float(self.meta.threshold)
-
-    @property
-    def name(self) -> str:
-        return self.meta.arch
 
     def score_messages(self, raws: Sequence[bytes]) -> list[float]:
         pool = self._pool or self._restart()
@@ -132,9 +124,6 @@ class ProcessClassifier:
     def reload(self, path: str | os.PathLike) -> ProcessClassifier:
         """Another checkpoint in a new child, loaded the way this one was."""
         return ProcessClassifier(path, self.device, self.limits, self.precision)
-
-    def score_message(self, raw: bytes) -> float:
-        return self.score_messages([raw])[0]
 
     def close(self) -> None:
         """Stop the child once the batch it is scoring (if any) is done; returns at once."""

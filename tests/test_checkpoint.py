@@ -84,11 +84,16 @@ def test_truncated_file_is_rejected(tmp_path, tiny_model, cut):
         load_checkpoint(path)
 
 
+def flip_byte(path, offset: int = -100) -> None:
+    """Damage one byte of the tensor data in place."""
+    blob = bytearray(path.read_bytes())
+    blob[offset] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
 def test_flipped_tensor_byte_is_rejected(tmp_path, tiny_model):
     path = save_checkpoint(tmp_path, tiny_model, _meta(tiny_model))
-    blob = bytearray(path.read_bytes())
-    blob[-100] ^= 0xFF
-    path.write_bytes(bytes(blob))
+    flip_byte(path)
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(path)
 

@@ -19,6 +19,7 @@ from filterd.engine import Engine
 from filterd.mail import Mail
 from filterd.model import GPT2Classifier, architecture
 from filterd.scoring_process import ProcessClassifier, ScoringProcessError
+from tests.test_checkpoint import flip_byte
 
 MESSAGES = [
     b"Subject: lunch\n\nSee you at noon by the fountain?\n",
@@ -113,9 +114,7 @@ def test_engine_fails_open_when_the_child_dies(checkpoint, tmp_path, monkeypatch
 
 def test_bad_checkpoint_error_comes_back_from_the_child(tmp_path):
     path = random_checkpoint(tmp_path, 1)
-    blob = bytearray(path.read_bytes())
-    blob[-1] ^= 0xFF
-    path.write_bytes(bytes(blob))
+    flip_byte(path)
     with pytest.raises(CheckpointError, match="corrupt"):
         ProcessClassifier(path)
 
@@ -139,9 +138,7 @@ def test_no_restart_storm_when_the_checkpoint_went_bad(tmp_path):
     path = random_checkpoint(tmp_path, 3)
     clf = ProcessClassifier(path)
     try:
-        blob = bytearray(path.read_bytes())
-        blob[-1] ^= 0xFF
-        path.write_bytes(bytes(blob))
+        flip_byte(path)
         os.kill(clf.pid, signal.SIGKILL)
         with pytest.raises(ScoringProcessError, match="died"):
             clf.score_messages(MESSAGES)
