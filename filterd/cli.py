@@ -217,7 +217,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     clf = engine.classifier
     print(f"config: {args.config or (DEFAULT_PATH if DEFAULT_PATH.exists() else 'defaults')}")
     path = args.checkpoint or config.checkpoint
-    print(f"checkpoint: {path} ({clf.name}, threshold {engine.threshold_of(clf)})")
+    print(
+        f"checkpoint: {path} ({clf.name}, {config.precision}, threshold {engine.threshold_of(clf)})"
+    )
     print(f"checks: {', '.join(c.name for c in engine.checks) or 'none'}")
     print(f"secret: {config.headers.secret_path()}")
     print(f"quarantine: {config.quarantine.store_path()}")
