@@ -120,6 +120,11 @@ class Client:
     def replies(self, n: int) -> list[bytes]:
         return [self.reply() for _ in range(n)]
 
+    def start_data(self) -> None:
+        """A plain envelope, pipelined, up to DATA's 354."""
+        self.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+        assert self.replies(3) == [b"250", b"250", b"354"]
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.file.close()
@@ -156,8 +161,7 @@ def config(tmp_path, hop):
 def test_oversize_data_is_refused_and_nothing_relayed(tmp_path, hop):
     config = make_config(tmp_path, hop.port, logit=-2.0, smtp={"max_message_bytes": 4096})
     with proxy_running(config) as proxy, connected(proxy) as c:
-        c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
-        assert c.replies(3) == [b"250", b"250", b"354"]
+        c.start_data()
         line = b"x" * 998 + b"\r\n"
         for _ in range(5 * 1024):  # 5 MB without SIZE: found out while reading
             c.send(line)
@@ -172,8 +176,7 @@ def test_oversize_data_is_refused_and_nothing_relayed(tmp_path, hop):
 def test_client_stalled_mid_data_is_dropped_and_nothing_half_relayed(tmp_path, hop):
     config = make_config(tmp_path, hop.port, logit=-2.0, smtp={"timeout_seconds": 1.0})
     with proxy_running(config) as proxy, connected(proxy) as stalled:
-        stalled.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
-        assert stalled.replies(3) == [b"250", b"250", b"354"]
+        stalled.start_data()
         stalled.send(HAM[:20])  # half a message, then nothing
         still_serving(proxy, hop)  # served while the other one stalls
         start = time.monotonic()
@@ -186,8 +189,7 @@ def test_client_stalled_mid_data_is_dropped_and_nothing_half_relayed(tmp_path, h
 def test_client_that_never_quits_is_disconnected_after_the_timeout(tmp_path, hop):
     config = make_config(tmp_path, hop.port, logit=-2.0, smtp={"timeout_seconds": 1.0})
     with proxy_running(config) as proxy, connected(proxy) as c:
-        c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
-        assert c.replies(3) == [b"250", b"250", b"354"]
+        c.start_data()
         c.send(HAM + b".\r\n")
         assert c.reply() == b"250"
         start = time.monotonic()
@@ -248,8 +250,7 @@ def test_smuggled_end_of_data_cannot_split_one_message_into_two(config, hop, end
         b"Subject: smuggled\r\n\r\nwire the money\r\n"
     )
     with proxy_running(config) as proxy, connected(proxy) as c:
-        c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
-        assert c.replies(3) == [b"250", b"250", b"354"]
+        c.start_data()
         c.send(b"Subject: hi\r\n\r\nbefore" + end + smuggled + b"\r\n.\r\n")
         assert c.reply() == b"250"
         c.send(b"QUIT\r\n")
