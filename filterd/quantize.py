@@ -33,6 +33,7 @@ class Int8Linear(nn.Module):
         self.bias = bias.detach().float().cpu()
         self.out_features = len(scales)
         self._packed: dict[tuple[int, int], object] = {}
+        self._pack(0, self.out_features)  # at load, not in the first message's batch
 
     def _pack(self, start: int, stop: int) -> object:
         key = (start, stop)
