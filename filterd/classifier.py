@@ -7,6 +7,7 @@ user tests by hand is what the mail server runs.
 from __future__ import annotations
 
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import get_args
@@ -72,6 +73,9 @@ class Classifier(Scorer):
         self.limits = limits
         self.device = torch.device(device)
         self.precision = precision
+        # The daemon reads the next batch while this one is scored; the model itself runs
+        # one batch at a time, which is all the cores anyway.
+        self._model_lock = threading.Lock()
         # int8 quantizes activations per input tensor: one message per batch keeps each
         # score independent of its batch-mates (and it wastes no work on padding).
         self.max_batch = MAX_BATCH
@@ -98,11 +102,13 @@ class Classifier(Scorer):
     @torch.inference_mode()
     def score_tokens(self, token_lists: Sequence[list[int]]) -> list[float]:
         scores = [0.0] * len(token_lists)
-        for batch in length_batches([len(t) for t in token_lists], BATCH_TOKENS, self.max_batch):
-            ids, lengths = pad_batch([token_lists[i] for i in batch], ENDOFTEXT, self.device)
-            probs = torch.softmax(self.model(ids, lengths).double(), dim=-1)[:, 1]
-            for i, p in zip(batch, probs.tolist(), strict=True):
-                scores[i] = p
+        batches = length_batches([len(t) for t in token_lists], BATCH_TOKENS, self.max_batch)
+        with self._model_lock:
+            for batch in batches:
+                ids, lengths = pad_batch([token_lists[i] for i in batch], ENDOFTEXT, self.device)
+                probs = torch.softmax(self.model(ids, lengths).double(), dim=-1)[:, 1]
+                for i, p in zip(batch, probs.tolist(), strict=True):
+                    scores[i] = p
         return scores
 
 

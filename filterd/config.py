@@ -59,6 +59,7 @@ class Scoring(_Section):
     failure_policy: Literal["fail_open", "tempfail"] = "fail_open"
     timeout_seconds: float = Field(30.0, gt=0)
     batch_wait_ms: float = Field(20.0, ge=0, le=1000)
+    max_batch: int = Field(16, ge=1, le=1024)
 
     @model_validator(mode="after")
     def _ordered(self) -> Scoring:

@@ -1,10 +1,13 @@
 """The scoring engine: one loaded model, thresholds and checks, for every way mail comes in.
 
 `verdicts()` scores a list at once (the CLI). `verdict()` is for asyncio servers: each
-call joins a queue, arrivals within `scoring.batch_wait_ms` share one micro-batch, and the
-model runs in a single worker thread so the event loop never waits on it. A caller waits
-at most `scoring.timeout_seconds` and then gets ScoringTimeout, which it maps onto its
-failure policy (`failure()`). `swap()` replaces the model between batches, for reloads.
+call joins a queue, arrivals within `scoring.batch_wait_ms` share one micro-batch of at most
+`scoring.max_batch`, and the model runs in worker threads so the event loop never waits on
+it. Two micro-batches go to the model at once: while one is scored, the next is read and
+tokenized (or waits in the scoring process), so the model does not sit idle while the
+messages of the last batch are relayed. A caller waits at most `scoring.timeout_seconds`
+and then gets ScoringTimeout, which it maps onto its failure policy (`failure()`).
+`swap()` replaces the model between batches, for reloads.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from filterd import plugins
 from filterd.checkpoint import checkpoint_path
-from filterd.classifier import MAX_BATCH, Scorer, load_classifier
+from filterd.classifier import Scorer, load_classifier
 from filterd.config import Config, ConfigError, PluginChoice
 from filterd.headers import Tagger, load_secret
 from filterd.mail import Mail
@@ -28,6 +31,7 @@ from filterd.scoring_process import ProcessClassifier
 from filterd.verdict import Verdict, action_for
 
 ACTIONS = ("tag", "quarantine", "reject")
+PIPELINE = 2  # micro-batches with the model at once
 
 
 class ScoringTimeout(TimeoutError):
@@ -49,9 +53,11 @@ class Engine:
         self.checks = list(checks)
         self.actions = actions or {}
         self._classifier = self._checked(classifier)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="filterd-model")
+        self._executor = ThreadPoolExecutor(PIPELINE, thread_name_prefix="filterd-model")
         self._pending: list[tuple[Mail, asyncio.Future, float]] = []
         self._batcher: asyncio.Task | None = None
+        self._scoring: set[asyncio.Task] = set()  # micro-batches with the model
+        self._in_use: list[Scorer] = []  # the model each of them uses
         self._full: asyncio.Event | None = None
         self._store: Store | None = None
 
@@ -108,9 +114,13 @@ class Engine:
 
     def swap(self, classifier: Scorer) -> None:
         """Use another model from the next batch on; refused if it breaks the thresholds.
-        The old one is closed on the model thread, so after the batch it may be scoring."""
+        The old one is closed once no batch in flight uses it."""
         old, self._classifier = self._classifier, self._checked(classifier)
-        self._executor.submit(old.close)
+        self._retire(old)
+
+    def _retire(self, classifier: Scorer) -> None:
+        if classifier is not self._classifier and classifier not in self._in_use:
+            classifier.close()
 
     @property
     def store(self) -> Store:
@@ -121,9 +131,9 @@ class Engine:
 
     # --- deciding ----------------------------------------------------------------------
 
-    def verdicts(self, mails: Sequence[Mail]) -> list[Verdict]:
+    def verdicts(self, mails: Sequence[Mail], classifier: Scorer | None = None) -> list[Verdict]:
         """Verdicts for a list of messages, scored in length-bucketed micro-batches."""
-        clf = self._classifier  # one model for the whole list, even across a swap
+        clf = self._classifier if classifier is None else classifier  # one for the whole list
         threshold = self.threshold_of(clf)
         scoring = self.config.scoring
         out: list[Verdict | None] = []
@@ -168,7 +178,7 @@ class Engine:
         if self._batcher is None or self._batcher.done():
             self._full = asyncio.Event()
             self._batcher = loop.create_task(self._batches(self._full))
-        if len(self._pending) >= MAX_BATCH:
+        if len(self._pending) >= self.config.scoring.max_batch:
             self._full.set()
         timeout = self.config.scoring.timeout_seconds
         try:
@@ -181,28 +191,40 @@ class Engine:
     async def _batches(self, full: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         wait = self.config.scoring.batch_wait_ms / 1000
+        size = self.config.scoring.max_batch
         while self._pending:
-            # Arrivals that already waited (e.g. while the last batch ran) go at once.
+            while len(busy := {t for t in self._scoring if not t.done()}) >= PIPELINE:
+                await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
+            # Arrivals that already waited (e.g. while the model was busy) go at once.
             remaining = self._pending[0][2] + wait - loop.time()
-            if remaining > 0 and len(self._pending) < MAX_BATCH:
+            if remaining > 0 and len(self._pending) < size:
                 full.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(full.wait(), remaining)
-            batch = [p for p in self._pending[:MAX_BATCH] if not p[1].done()]
-            del self._pending[:MAX_BATCH]
-            if not batch:
-                continue
-            mails = [mail for mail, _, _ in batch]
-            try:
-                results = await loop.run_in_executor(self._executor, self.verdicts, mails)
-            except Exception as e:  # the model failed: every waiter learns why
-                for _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
+            batch = [p for p in self._pending[:size] if not p[1].done()]
+            del self._pending[:size]
+            if batch:
+                task = loop.create_task(self._score(batch, self._classifier))
+                self._scoring.add(task)
+                task.add_done_callback(self._scoring.discard)
+
+    async def _score(self, batch: list[tuple[Mail, asyncio.Future, float]], clf: Scorer) -> None:
+        loop = asyncio.get_running_loop()
+        mails = [mail for mail, _, _ in batch]
+        self._in_use.append(clf)
+        try:
+            results = await loop.run_in_executor(self._executor, self.verdicts, mails, clf)
+        except Exception as e:  # the model failed: every waiter learns why
+            for _, future, _ in batch:
+                if not future.done():
+                    future.set_exception(e)
+        else:
             for (_, future, _), verdict in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(verdict)
+        finally:
+            self._in_use.remove(clf)
+            self._retire(clf)
 
     # --- acting ------------------------------------------------------------------------
 
@@ -225,7 +247,8 @@ class Engine:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
-        self._classifier.close()
+        for classifier in {self._classifier, *self._in_use}:
+            classifier.close()
 
 
 def failure(mail: Mail, why: str, policy: str, tagger: Tagger) -> Outcome:

@@ -82,6 +82,7 @@ class ProcessClassifier(Scorer):
         self._pool: ProcessPoolExecutor | None
         self._pool, self.meta, self.pid = self._start()
         self._restart_after = 0.0  # monotonic time before which no restart is tried
+        self._lock = threading.Lock()  # the engine's two batch threads share the child
 
     def _start(self) -> tuple[ProcessPoolExecutor, CheckpointMeta, int]:
         pool = ProcessPoolExecutor(
@@ -95,14 +96,17 @@ class ProcessClassifier(Scorer):
             raise
 
     def score_messages(self, raws: Sequence[bytes]) -> list[float]:
-        pool = self._pool or self._restart()
+        with self._lock:
+            pool = self._pool or self._restart()
         # Only what message_text reads crosses to the child: a 50 MB message costs 2 MB.
         clipped = [head_and_tail(raw, self.limits.max_bytes) for raw in raws]
         try:
             return pool.submit(_score, clipped).result()
         except BrokenProcessPool as e:
-            self._pool = None
-            log.error("scoring process %d died: %s", self.pid, e)
+            with self._lock:
+                if self._pool is pool:  # the batch beside this one may have seen it first
+                    self._pool = None
+                    log.error("scoring process %d died: %s", self.pid, e)
             raise ScoringProcessError(f"the scoring process died: {e}") from e
 
     def _restart(self) -> ProcessPoolExecutor:

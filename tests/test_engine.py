@@ -80,15 +80,24 @@ class Counting:
         self.batches: list[int] = []
         self.delay = delay
         self.thread: str = ""
+        self.running = self.most_at_once = 0
+        self.closed = False
+        self._lock = threading.Lock()
 
     def score_messages(self, raws):
+        assert not self.closed, "scored after close()"
         self.thread = threading.current_thread().name
-        self.batches.append(len(raws))
+        with self._lock:
+            self.batches.append(len(raws))
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
         time.sleep(self.delay)
+        with self._lock:
+            self.running -= 1
         return [0.9 if b"spam" in r else 0.1 for r in raws]
 
     def close(self) -> None:
-        """Nothing to release."""
+        self.closed = True
 
 
 def test_async_arrivals_share_a_batch_off_the_loop():
@@ -115,6 +124,42 @@ def test_async_arrivals_share_a_batch_off_the_loop():
     assert clf.batches == [3]
     assert clf.thread.startswith("filterd-model")
     assert ticks >= 10  # the loop kept running while the model worked for 0.2 s
+    engine.close()
+
+
+def test_batches_are_capped_and_two_go_to_the_model_at_once():
+    clf = Counting(delay=0.2)
+    engine = Engine(clf, config(batch_wait_ms=0, max_batch=2))
+
+    async def main():
+        start = time.monotonic()
+        await asyncio.gather(*(engine.verdict(Mail(HAM)) for _ in range(6)))
+        return time.monotonic() - start
+
+    elapsed = asyncio.run(main())
+    assert clf.batches == [2, 2, 2]
+    assert clf.most_at_once == 2  # the next batch is ready while one is scored, no more
+    assert elapsed < 0.55  # three batches of 0.2 s, two at a time: 0.4 s, not 0.6
+    engine.close()
+
+
+def test_a_swapped_out_model_is_closed_after_its_batch():
+    old, new = Counting(delay=0.3), Counting()
+    engine = Engine(old, config(batch_wait_ms=0))
+
+    async def main():
+        first = asyncio.create_task(engine.verdict(Mail(HAM)))
+        await asyncio.sleep(0.1)  # the batch is with the old model
+        engine.swap(new)
+        assert not old.closed
+        await first
+        assert old.closed
+        await engine.verdict(Mail(HAM))
+
+    asyncio.run(main())
+    assert old.batches == [1] and new.batches == [1]
+    engine.swap(Counting())  # nothing in flight: closed at once
+    assert new.closed
     engine.close()
 
 
