@@ -32,6 +32,7 @@ from filterd.verdict import Verdict, action_for
 
 ACTIONS = ("tag", "quarantine", "reject")
 PIPELINE = 2  # micro-batches with the model at once
+INLINE_BYTES = 256 * 1024  # an inline action runs on the event loop up to this size
 
 
 class ScoringTimeout(TimeoutError):
@@ -237,7 +238,11 @@ class Engine:
             name = "tag" if tag_only else verdict.action
             if name == "reject" and not can_reject:
                 name = "quarantine"
-            outcome = await asyncio.to_thread(self.actions[name].apply, mail, verdict, self)
+            action = self.actions[name]
+            if action.inline and len(mail.raw) <= INLINE_BYTES:
+                outcome = action.apply(mail, verdict, self)
+            else:
+                outcome = await asyncio.to_thread(action.apply, mail, verdict, self)
             return dataclasses.replace(outcome, verdict=verdict)
         except Exception as e:
             return self.failure(mail, f"{type(e).__name__}: {e}")

@@ -81,7 +81,10 @@ class Outcome:
 
 class Action(Plugin, ABC):
     """Carries out a verdict's action (tag, quarantine, reject) for one message. Called in a
-    thread, so it may block on disk or network."""
+    thread, so it may block on disk or network; an action that only computes sets `inline`,
+    and runs on the event loop for messages up to 256 KiB (a thread hop costs more)."""
+
+    inline: ClassVar[bool] = False
 
     @abstractmethod
     def apply(self, mail: Mail, verdict: Verdict, engine: Engine) -> Outcome:

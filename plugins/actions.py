@@ -11,6 +11,8 @@ from filterd.verdict import Verdict
 class Tag(Action):
     """Deliver with filterd's headers added (or untouched if already scored)."""
 
+    inline = True
+
     def apply(self, mail: Mail, verdict: Verdict, engine: Engine) -> Outcome:
         return Outcome("deliver", engine.tagger.tag(mail.raw, verdict))
 
@@ -24,6 +26,8 @@ class Quarantine(Action):
 
 class Reject(Action):
     """Refuse the message (SMTP 550 where the source can still refuse)."""
+
+    inline = True
 
     def apply(self, mail: Mail, verdict: Verdict, engine: Engine) -> Outcome:
         return Outcome("reject", note=verdict.reason or f"spam probability {verdict.probability}")

@@ -8,10 +8,11 @@ import torch
 from filterd.checkpoint import CheckpointMeta, save_checkpoint
 from filterd.classifier import load_classifier
 from filterd.config import Config, ConfigError
-from filterd.engine import Engine, ScoringTimeout
+from filterd.engine import INLINE_BYTES, Engine, ScoringTimeout
 from filterd.headers import Tagger
 from filterd.mail import Mail
 from filterd.model import GPT2Classifier, architecture
+from filterd.plugins import Action, Options, Outcome
 
 HAM = b"Subject: lunch\n\nSee you at noon.\n"
 
@@ -198,3 +199,26 @@ def test_model_error_reaches_every_waiter():
 
     results = asyncio.run(main())
     assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_inline_actions_run_on_the_loop_for_small_messages_only():
+    threads = []
+
+    class Where(Action):
+        inline = True
+
+        def apply(self, mail, verdict, engine):
+            threads.append(threading.current_thread().name)
+            return Outcome("deliver", mail.raw)
+
+    tag = Where(Options(), Config())
+    engine = Engine(Counting(), config(batch_wait_ms=0), actions={"tag": tag})
+    big = HAM + b"x" * INLINE_BYTES
+
+    async def main():
+        return [(await engine.handle(Mail(raw))).data for raw in (HAM, big)]
+
+    assert asyncio.run(main()) == [HAM, big]
+    assert threads[0] == threading.main_thread().name
+    assert threads[1] != threading.main_thread().name
+    engine.close()
