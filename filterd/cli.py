@@ -289,10 +289,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd: a line per command
-    from filterd.daemon import serve
+    from filterd.daemon import run
 
     try:
-        return asyncio.run(serve(engine, config, args.checkpoint or config.checkpoint))
+        return run(engine, config, args.checkpoint or config.checkpoint)
     except ConfigError as e:  # a source could not start: which setting is wrong
         _err(str(e))
         return EX_CONFIG
