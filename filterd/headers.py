@@ -117,6 +117,11 @@ def _parse(raw: bytes) -> _Parsed:
     return _Parsed(mbox, fields, raw, pos, b"\r\n" if crlf else b"\n")
 
 
+def header_fields(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """(lower-cased name, whole field) for each line of the header, as tagging reads it."""
+    return _parse(raw).fields
+
+
 def _value(field: bytes) -> bytes:
     """A field's value unfolded and with runs of white space squeezed, so transport that
     re-folds or converts line ends does not make a marker stale."""

@@ -38,6 +38,9 @@ log = logging.getLogger("filterd.smtp")
 DSN_PARAMS = ("RET", "ENVID", "NOTIFY", "ORCPT")
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 _REPLY_LINE = re.compile(r"[0-9]{3}([ -]|$)")
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# A path as nearly every client writes it: <dot-atom@domain>, or the null path <>.
+_PLAIN_PATH = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)?>")
 
 NEXT_HOP_DOWN = "451 4.4.1 Next hop unavailable, try again later"
 BUSY = "451 4.3.2 Too busy, try again later"
@@ -207,6 +210,20 @@ class _Connection(SMTP):
         if [w.upper() for w in words] != options:
             words = options
         return "".join(" " + w for w in words)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's answer for MAIL and RCPT paths, found without the email package's
+        parser for plain ones: that costs over 100 us a call, twice a message."""
+        m = _PLAIN_PATH.match(arg)
+        if m is None:
+            return super()._getaddr(arg)
+        if m[1] is None:
+            return "<>", arg[m.end() :]
+        rest = arg[m.end() :].lstrip(" \t")
+        local = m[1].rpartition("@")[0]
+        if rest.startswith("(") or (self.local_part_limit and len(local) > self.local_part_limit):
+            return super()._getaddr(arg)  # a comment, or refused for its length
+        return m[1], rest
 
     def _getparams(self, params: Any) -> dict[str, str | bool] | None:
         result = super()._getparams(params)

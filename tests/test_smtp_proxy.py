@@ -147,6 +147,38 @@ def test_dot_stuffing_is_the_wire_form():
     assert dot_stuffed(b".a\r\nb\r\n..c") == b"..a\r\nb\r\n...c\r\n.\r\n"
 
 
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "<a@b.example>",
+        "<a.b+c@x-y.example.org> SIZE=10 BODY=8BITMIME",
+        "<A@B.C>\tSMTPUTF8",
+        "<a@b.c>x",
+        "<>",
+        "<> SIZE=5",
+        "<a@b.c> (comment) SIZE=5",
+        "<a..b@c.d>",
+        "<.a@b.c>",
+        "<a@b..c>",
+        "<a@b.c.>",
+        '<"q x"@b.c>',
+        "<a@[192.0.2.1]>",
+        "<@relay.example:a@b.c>",
+        " <a@b.c>",
+        "< a@b.c >",
+        "a@b.c",
+        "<a@b.c",
+        "<ü@b.c>",
+        "<a@ü.example>",
+        "<" + "x" * 70 + "@b.c>",
+    ],
+)
+def test_paths_parse_as_aiosmtpd_parses_them(arg):
+    plain, fast = SMTP(None), SmtpProxy(Config(), None)._connection()
+    plain.local_part_limit = fast.local_part_limit = 64
+    assert fast._getaddr(arg) == plain._getaddr(arg)
+
+
 def test_relays_tagged_mail_with_envelope_parameters_and_per_recipient_answers(tmp_path, sink):
     sink.refuse["nobody@example.net"] = "550 5.1.1 <nobody@example.net>: no such user"
     config = make_config(tmp_path, sink.port)
