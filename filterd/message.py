@@ -19,7 +19,6 @@ import unicodedata
 from collections import deque
 from dataclasses import dataclass
 from email.message import Message
-from html.parser import HTMLParser
 
 # v2: every default-ignorable code point dropped, Latin look-alikes folded in mixed words,
 # and the caps keep the head and the tail (bytes, parts) or flatten (depth) instead of cutting.
@@ -354,15 +353,16 @@ _LINE_MARK, _PARA_MARK = "\ue000", "\ue001"  # private-use stand-ins, removed fr
 _LINE_EDGES = re.compile(r" ?\n ?")
 
 
-class _HTMLText(HTMLParser):
+class _HTMLText:
     """Visible text of an HTML part: what the reader sees, not what the spammer hides.
 
     Hidden text (display:none, zero font size, ...) is a classic way to feed a filter
-    innocent words, so it is dropped together with everything nested inside it.
+    innocent words, so it is dropped together with everything nested inside it. The
+    handlers are called by _html_to_text's scan, with tag names lower-cased and character
+    references already decoded.
     """
 
     def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
         self.pieces: list[str] = []
         self.stack: list[tuple[str, bool]] = []  # open elements and whether each hides
         self.open: dict[str, int] = {}  # open count per tag: keeps unmatched end tags O(1)
@@ -435,7 +435,9 @@ class _HTMLText(HTMLParser):
     def handle_data(self, data: str) -> None:
         if not self.hidden:
             data = data.replace(_LINE_MARK, "").replace(_PARA_MARK, "")
-            self.pieces.append(data if self.pre else _WS.sub(" ", data))
+            if not self.pre:  # whitespace runs read as one space (most runs are only that)
+                data = " " if data.isspace() else _WS.sub(" ", data)
+            self.pieces.append(data)
 
     def text(self) -> str:
         out: list[str] = []
@@ -451,7 +453,6 @@ class _HTMLText(HTMLParser):
         return _LINE_EDGES.sub("\n", _SPACES.sub(" ", "".join(out)))
 
 
-_TAG = re.compile(r"<[^<>]*>")
 # One start or end tag as an HTML5 tokenizer reads it: quoted values may hold '>'.
 # Possessive/atomic pieces make a failed match (a tag left open at EOF) cost one pass.
 _WHOLE_TAG = re.compile(
@@ -468,71 +469,105 @@ _ATTR = re.compile(
     r"""(?:[\t\n\f\r ]*=[\t\n\f\r ]*("[^"]*"|'[^']*'|[^\t\n\f\r >"'][^\t\n\f\r >]*))?"""
 )
 _RAW_END = {"script": re.compile(r"</script", re.I), "style": re.compile(r"</style", re.I)}
+# The text once came from CPython 3.11's HTMLParser reading a cleaned copy of the markup;
+# what it made of odd tags is kept so the text stays the same (TEXT_VERSION): an end tag's
+# name loses trailing whitespace ("</div\xa0>") or ends at a NUL, a start tag whose name
+# holds a NUL is text, and only a plain "</script>" ("</style>") ends a script body.
+_END_NAME = re.compile(r"([a-zA-Z][-.a-zA-Z0-9:_]*)\s*")
 
 
-def _clean_tag(m: re.Match[str]) -> str:
-    """The tag rebuilt with only what the text extraction reads: name, hidden, style."""
-    close, name, attrs = m[1], m[2].lower(), m[3]
-    if close:
-        return f"</{name}>"
-    out = [f"<{name}"]
-    for a in _ATTR.finditer(attrs):
+def _end_name(name: str) -> str:
+    """The name of an end tag that HTMLParser read as plain ("div\xa0" as "div"), else ""."""
+    m = _END_NAME.fullmatch(name)
+    return m[1] if m else ""
+
+
+def _attrs(text: str) -> list[tuple[str, str | None]]:
+    """The attributes the text extraction reads, hidden and style, values decoded."""
+    low = text.lower()
+    if "hidden" not in low and "style" not in low:
+        return []
+    out: list[tuple[str, str | None]] = []
+    for a in _ATTR.finditer(text):
         key = a[1].lower()
         if key == "hidden":
-            out.append(" hidden")
+            out.append(("hidden", None))
         elif key == "style" and a[2]:
-            value = html_lib.unescape(a[2].strip("\"'"))
-            out.append(f' style="{html_lib.escape(value)}"')
-    out.append("/>" if attrs.rstrip().endswith("/") else ">")
-    return "".join(out)
+            out.append(("style", html_lib.unescape(a[2].strip("\"'"))))
+    return out
 
 
-def _canonical(html: str) -> str:
-    """Well-formed, minimal markup that HTMLParser reads in linear time.
+def _as_text(attrs: list[tuple[str, str | None]], ending: str) -> str:
+    """What follows the NUL of a start tag read as text: the attributes as HTMLParser saw
+    them, still escaped (the text they join is decoded as a whole)."""
+    kept = [" hidden" if v is None else f' style="{html_lib.escape(v)}"' for _, v in attrs]
+    return "".join(kept) + ending
 
-    HTMLParser (before CPython 3.13.4) rescans the rest of the document for every construct
-    it cannot close, so a few hundred KB of "<a " or "<!--" would take minutes. This pass
-    follows the HTML5 tokenizer instead: comments and declarations go, a '<' that starts no
-    tag is text, a tag still open at the end of the document drops the rest (as browsers
-    do), and script/style bodies are skipped without being read as markup.
+
+def _html_to_text(html: str) -> str:
+    """Visible text of an HTML document, read in one pass that stays linear on hostile
+    markup (hundreds of KB of "<a " or "<!--" cost one search each, not one per construct).
+
+    It follows the HTML5 tokenizer: comments and declarations go, a '<' that starts no tag
+    is text, a tag still open at the end of the document drops the rest (as browsers do),
+    and script/style bodies are skipped without being read as markup.
     """
-    out: list[str] = []
+    parser = _HTMLText()
+    text: list[str] = []  # text since the last tag, decoded as one run (refs may span a comment)
+    raw = ""  # script or style still open: nothing counts until its plain end tag
     pos = 0
     size = len(html)
     while (lt := html.find("<", pos)) >= 0:
-        out.append(html[pos:lt])
+        if lt > pos:
+            text.append(html[pos:lt])
+        tag = _WHOLE_TAG.match(html, lt)
+        if tag:
+            if text and not raw:
+                parser.handle_data(html_lib.unescape("".join(text)))
+            text = []
+            close, name, rest = tag.groups()
+            name = name.lower()
+            pos = tag.end()
+            if close:
+                plain = name if name.isalnum() else _end_name(name)  # most names are plain
+                if not raw:
+                    parser.handle_endtag(plain or name.partition("\0")[0])
+                elif plain == raw:
+                    parser.handle_endtag(raw)
+                    raw = ""
+                continue
+            if not raw:
+                attrs = _attrs(rest) if rest else []
+                empty = rest.rstrip().endswith("/")  # <br/>
+                if "\0" in name:
+                    head, _, tail = name.partition("\0")
+                    parser.handle_data("<" + head)
+                    text.append("\0" + tail + _as_text(attrs, "/>" if empty else ">"))
+                elif empty:
+                    parser.handle_startendtag(name, attrs)
+                else:
+                    parser.handle_starttag(name, attrs)
+                    raw = name if name in _RAW_END else ""
+            raw_end = _RAW_END.get(name)
+            if raw_end:
+                found = raw_end.search(html, pos)
+                pos = found.start() if found else size
+            continue
         nxt = html[lt + 1 : lt + 2]
         letter = nxt.isascii() and nxt.isalpha()
-        tag = _WHOLE_TAG.match(html, lt) if letter or nxt == "/" else None
-        if tag:
-            out.append(_clean_tag(tag))
-            pos = tag.end()
-            raw_end = _RAW_END.get(tag[2].lower()) if not tag[1] else None
-            if raw_end:
-                end = raw_end.search(html, pos)
-                pos = end.start() if end else size
-        elif html.startswith("<!--", lt):
+        if html.startswith("<!--", lt):
             end = html.find("-->", lt + 4)
             pos = end + 3 if end >= 0 else size
         elif nxt in ("!", "?", "/") or letter:  # declaration, bogus comment, open tag
             end = html.find(">", lt + 1) if not letter else -1
             pos = end + 1 if end >= 0 else size
         else:
-            out.append("&lt;")
+            text.append("<")
             pos = lt + 1
-    out.append(html[pos:])
-    return "".join(out)
-
-
-def _html_to_text(html: str) -> str:
-    """Visible text of an HTML document; falls back to stripping tags if the parser fails."""
-    html = _canonical(html)
-    parser = _HTMLText()
-    try:
-        parser.feed(html)
-        parser.close()
-    except Exception:
-        return parser.text() or _TAG.sub(" ", html)
+    if pos < size:
+        text.append(html[pos:])
+    if text and not raw:
+        parser.handle_data(html_lib.unescape("".join(text)))
     return parser.text()
 
 

@@ -377,6 +377,11 @@ def test_html_stray_lt_is_text():
     assert html_text("a < b and <é> and 3<4 <b>bold</b>") == "a < b and <é> and 3<4 bold"
 
 
+def test_html_self_closing_tags_and_numeric_references():
+    html = "one<br/>two<BR />th&#x72;ee&#33<p/>four<div hidden/>five"
+    assert html_text(html) == "one\ntwo\nthree!\n\nfourfive"
+
+
 def test_html_tag_open_at_end_of_document_is_dropped():
     assert html_text("visible <a href='x' unterminated") == "visible"
 

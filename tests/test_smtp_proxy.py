@@ -116,6 +116,12 @@ def make_config(tmp_path, port: int, logit: float = 2.0, **sections) -> Config:
     return Config.model_validate(data)
 
 
+async def _cancel_the_rest() -> None:
+    """What asyncio.run does at its end: e.g. a batcher still waiting out a timed-out verdict."""
+    for task in asyncio.all_tasks() - {asyncio.current_task()}:
+        task.cancel()
+
+
 @contextlib.contextmanager
 def proxy_running(config: Config, handle=None):
     """The proxy on its own event loop thread, as the daemon runs it; yields it."""
@@ -132,6 +138,7 @@ def proxy_running(config: Config, handle=None):
         yield proxy
     finally:
         asyncio.run_coroutine_threadsafe(proxy.stop(5), loop).result(10)
+        asyncio.run_coroutine_threadsafe(_cancel_the_rest(), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
