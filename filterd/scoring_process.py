@@ -85,6 +85,10 @@ class ProcessClassifier(Scorer):
         self._lock = threading.Lock()  # the engine's two batch threads share the child
 
     def _start(self) -> tuple[ProcessPoolExecutor, CheckpointMeta, int]:
+        # The child inherits this environment. Its OpenMP threads spin between the model's
+        # small ops by default, burning a core the daemon and the MTA need (30% of the
+        # child's CPU time per message with gpt2-tiny, measured); passive ones sleep.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         pool = ProcessPoolExecutor(
             1, multiprocessing.get_context("spawn"), initializer=_child_setup
         )

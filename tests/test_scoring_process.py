@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +77,17 @@ def test_child_scores_exactly_as_in_process(checkpoint, child):
     assert (child.name, child.threshold) == ("gpt2-tiny", 0.4)
     big = MESSAGES[1] + b"<p>" + b"filler line\n" * 500_000 + b"</p>\n"  # 6 MB, clipped
     assert child.score_message(big) == here.score_message(big)
+
+
+def test_the_childs_openmp_threads_sleep_when_idle(checkpoint, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "unset")  # restored to what it was afterwards
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    clf = ProcessClassifier(checkpoint)
+    try:
+        environ = Path(f"/proc/{clf.pid}/environ").read_bytes().split(b"\0")
+        assert b"OMP_WAIT_POLICY=PASSIVE" in environ
+    finally:
+        clf.close()
 
 
 def test_int8_in_the_child_matches_int8_in_process(checkpoint):
