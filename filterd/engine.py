@@ -205,6 +205,7 @@ class Engine:
             batch = [p for p in self._pending[:size] if not p[1].done()]
             del self._pending[:size]
             if batch:
+                self._in_use.append(self._classifier)  # before a swap can close it
                 task = loop.create_task(self._score(batch, self._classifier))
                 self._scoring.add(task)
                 task.add_done_callback(self._scoring.discard)
@@ -212,7 +213,6 @@ class Engine:
     async def _score(self, batch: list[tuple[Mail, asyncio.Future, float]], clf: Scorer) -> None:
         loop = asyncio.get_running_loop()
         mails = [mail for mail, _, _ in batch]
-        self._in_use.append(clf)
         try:
             results = await loop.run_in_executor(self._executor, self.verdicts, mails, clf)
         except Exception as e:  # the model failed: every waiter learns why
