@@ -60,7 +60,8 @@ class Decision:
 class Check(Plugin, ABC):
     """Runs before the model ("pre": verdict is None) or after it ("post": the model's
     verdict). Returning a Decision settles the message; None leaves it to the next step.
-    Checks run in the engine's worker thread, beside the model: keep them quick."""
+    Checks run in the engine's worker threads (two batches at once), beside the model: keep
+    them quick and thread-safe."""
 
     stage: ClassVar[Literal["pre", "post"]] = "pre"
 
