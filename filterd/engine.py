@@ -57,8 +57,7 @@ class Engine:
         self._executor = ThreadPoolExecutor(PIPELINE, thread_name_prefix="filterd-model")
         self._pending: list[tuple[Mail, asyncio.Future, float]] = []
         self._batcher: asyncio.Task | None = None
-        self._scoring: set[asyncio.Task] = set()  # micro-batches with the model
-        self._in_use: list[Scorer] = []  # the model each of them uses
+        self._scoring: dict[asyncio.Task, Scorer] = {}  # batches with the model, and which
         self._full: asyncio.Event | None = None
         self._store: Store | None = None
 
@@ -120,7 +119,7 @@ class Engine:
         self._retire(old)
 
     def _retire(self, classifier: Scorer) -> None:
-        if classifier is not self._classifier and classifier not in self._in_use:
+        if classifier is not self._classifier and classifier not in self._scoring.values():
             classifier.close()
 
     @property
@@ -205,10 +204,12 @@ class Engine:
             batch = [p for p in self._pending[:size] if not p[1].done()]
             del self._pending[:size]
             if batch:
-                self._in_use.append(self._classifier)  # before a swap can close it
                 task = loop.create_task(self._score(batch, self._classifier))
-                self._scoring.add(task)
-                task.add_done_callback(self._scoring.discard)
+                self._scoring[task] = self._classifier  # in use from now: a swap keeps it open
+                task.add_done_callback(self._scored)
+
+    def _scored(self, task: asyncio.Task) -> None:
+        self._retire(self._scoring.pop(task))
 
     async def _score(self, batch: list[tuple[Mail, asyncio.Future, float]], clf: Scorer) -> None:
         loop = asyncio.get_running_loop()
@@ -223,9 +224,6 @@ class Engine:
             for (_, future, _), verdict in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(verdict)
-        finally:
-            self._in_use.remove(clf)
-            self._retire(clf)
 
     # --- acting ------------------------------------------------------------------------
 
@@ -252,7 +250,7 @@ class Engine:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
-        for classifier in {self._classifier, *self._in_use}:
+        for classifier in {self._classifier, *self._scoring.values()}:
             classifier.close()
 
 
