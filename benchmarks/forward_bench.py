@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from filterd.model import GPT2Classifier, architecture
+from filterd.model.gpt2 import GPT2Classifier, architecture
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from filterd.classifier import load_classifier
-from filterd.message import message_text
+from filterd.model.classifier import load_classifier
+from filterd.text import message_text
 
 
 def main() -> None:

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from filterd.checkpoint import CheckpointMeta
-from filterd.classifier import BATCH_TOKENS, Classifier
-from filterd.message import message_text
-from filterd.model import GPT2Classifier, architecture
-from filterd.tokenizer import ENDOFTEXT
+from filterd.model.checkpoint import CheckpointMeta
+from filterd.model.classifier import BATCH_TOKENS, Classifier
+from filterd.model.gpt2 import GPT2Classifier, architecture
+from filterd.model.tokenizer import ENDOFTEXT
+from filterd.text import message_text
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "spamassassin-public-corpus"
 

@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 import torch
+from filterd.builtin.smtp_proxy import NextHop
 from score_bench import CORPUS, corpus_sample
 
-from filterd.checkpoint import CheckpointMeta, save_checkpoint
-from filterd.classifier import load_classifier
-from filterd.model import GPT2Classifier, architecture
-from filterd.smtp_proxy import NextHop
+from filterd.model.checkpoint import CheckpointMeta, save_checkpoint
+from filterd.model.classifier import load_classifier
+from filterd.model.gpt2 import GPT2Classifier, architecture
 
 _ID = re.compile(rb"^X-Bench-Id: (\d+)\r$", re.MULTILINE)
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from filterd.trainer.data import prepare, read_sms
+from filterd.trainer.train import Settings, set_trainable, train
 
-from filterd.model import GPT2Classifier, architecture
-from filterd.tokenizer import ENDOFTEXT, encode
-from trainer.data import prepare, read_sms
-from trainer.train import Settings, set_trainable, train
+from filterd.model.gpt2 import GPT2Classifier, architecture
+from filterd.model.tokenizer import ENDOFTEXT, encode
 
 SMS = Path(__file__).resolve().parents[2] / "shared/datasets/sms-spam-collection/SMSSpamCollection"
 

@@ -8,14 +8,14 @@ __version__ = "0.1.0"
 __all__ = ["Classifier", "__version__", "load_classifier"]
 
 if TYPE_CHECKING:
-    from filterd.classifier import Classifier, load_classifier
+    from filterd.model.classifier import Classifier, load_classifier
 
 
 def __getattr__(name: str):
     # Lazy: importing torch takes seconds, and `filterd --help` or a config error
     # should not wait for it.
     if name in ("Classifier", "load_classifier"):
-        from filterd import classifier
+        from filterd.model import classifier
 
         return getattr(classifier, name)
     raise AttributeError(f"module 'filterd' has no attribute {name!r}")

@@ -176,7 +176,7 @@ class _Progress:
 
 def _score_tag(args: argparse.Namespace) -> int:
     """The pipe filter: the whole message out with headers added, or exit 75 under tempfail."""
-    from filterd import plugins
+    from filterd import plugin_api
     from filterd.config import PluginChoice
     from filterd.engine import failure
     from filterd.headers import Tagger, load_secret
@@ -201,7 +201,7 @@ def _score_tag(args: argparse.Namespace) -> int:
         async def handle(mail):
             return failure(mail, why, config.scoring.failure_policy, tagger)
 
-    source = plugins.load("sources", PluginChoice(name="stdin"), "sources.stdin", config)
+    source = plugin_api.load("sources", PluginChoice(name="stdin"), "sources.stdin", config)
     return asyncio.run(source.run(handle))
 
 
@@ -231,7 +231,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
-    from filterd.quarantine import QuarantineError, Store
+    from filterd.store.quarantine import QuarantineError, Store
 
     try:
         config = _config(args)

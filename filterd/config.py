@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from filterd.message import TextLimits
+from filterd.text import TextLimits
 
 DEFAULT_PATH = Path("/etc/filterd/config.yaml")
 
@@ -36,7 +36,7 @@ class _Section(BaseModel):
 
 
 class Limits(_Section):
-    """Work per message (see filterd.message.TextLimits); defaults are safe for hostile mail."""
+    """Work per message (see filterd.text.TextLimits); defaults are safe for hostile mail."""
 
     max_bytes: int = Field(TextLimits.max_bytes, ge=1024)
     max_parts: int = Field(TextLimits.max_parts, ge=1)

@@ -19,11 +19,11 @@ import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from filterd.checkpoint import checkpoint_path
+from filterd.builtin.maildir_source import MaildirSource
+from filterd.builtin.smtp_proxy import SmtpProxy
 from filterd.config import Config, ConfigError
 from filterd.engine import Engine
-from filterd.maildir_source import MaildirSource
-from filterd.smtp_proxy import SmtpProxy
+from filterd.model.checkpoint import checkpoint_path
 
 log = logging.getLogger("filterd")
 

@@ -19,15 +19,15 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from filterd import plugins
-from filterd.checkpoint import checkpoint_path
-from filterd.classifier import Scorer, load_classifier
+from filterd import plugin_api
 from filterd.config import Config, ConfigError, PluginChoice
 from filterd.headers import Tagger, load_secret
 from filterd.mail import Mail
-from filterd.plugins import Action, Check, Decision, Outcome
-from filterd.quarantine import Store
-from filterd.scoring_process import ProcessClassifier
+from filterd.model.checkpoint import checkpoint_path
+from filterd.model.classifier import Scorer, load_classifier
+from filterd.model.scoring_process import ProcessClassifier
+from filterd.plugin_api import Action, Check, Decision, Outcome
+from filterd.store.quarantine import Store
 from filterd.verdict import Verdict, action_for
 
 ACTIONS = ("tag", "quarantine", "reject")
@@ -73,11 +73,11 @@ class Engine:
         if not checkpoint_path(path).is_file():
             raise ConfigError(f"checkpoint: {checkpoint_path(path)}: no such file")
         checks = [
-            plugins.load("checks", choice, f"checks[{i}]", config)
+            plugin_api.load("checks", choice, f"checks[{i}]", config)
             for i, choice in enumerate(config.checks)
         ]
         actions = {
-            name: plugins.load("actions", PluginChoice(name=name), f"actions.{name}", config)
+            name: plugin_api.load("actions", PluginChoice(name=name), f"actions.{name}", config)
             for name in ACTIONS
         }
         headers = config.headers

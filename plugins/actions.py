@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from filterd.engine import Engine
 from filterd.mail import Mail
-from filterd.plugins import Action, Outcome
+from filterd.plugin_api import Action, Outcome
 from filterd.verdict import Verdict
 
 

@@ -13,7 +13,7 @@ import re
 from pydantic import Field, field_validator
 
 from filterd.mail import Mail
-from filterd.plugins import Check, Decision, Options
+from filterd.plugin_api import Check, Decision, Options
 from filterd.verdict import Action, Verdict
 
 _ENTRY = re.compile(r"([^\s@]+@)?[a-z0-9-]+(\.[a-z0-9-]+)*")

@@ -8,7 +8,7 @@ from typing import BinaryIO
 
 from filterd.config import Config
 from filterd.mail import Mail
-from filterd.plugins import Handler, Options, Source
+from filterd.plugin_api import Handler, Options, Source
 
 EX_TEMPFAIL = 75  # sysexits.h: delivery agents retry later
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from filterd.model import GPT2Classifier, architecture
+from filterd.model.gpt2 import GPT2Classifier, architecture
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SMS_FILE = SHARED / "datasets" / "sms-spam-collection" / "SMSSpamCollection"

@@ -6,14 +6,14 @@ import torch
 from safetensors.torch import save_file
 
 import filterd
-from filterd.checkpoint import (
+from filterd.model.checkpoint import (
     FILENAME,
     CheckpointError,
     CheckpointMeta,
     load_checkpoint,
     save_checkpoint,
 )
-from filterd.message import TEXT_VERSION
+from filterd.text import TEXT_VERSION
 
 
 def _meta(model, **kw):

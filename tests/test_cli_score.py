@@ -10,7 +10,7 @@ import pytest
 
 from filterd.cli import main
 from filterd.mail import Mail
-from filterd.quarantine import Store
+from filterd.store.quarantine import Store
 from filterd.verdict import Verdict
 from tests.test_engine import make_checkpoint
 
@@ -196,8 +196,9 @@ def test_trained_checkpoint_scores_its_test_split_as_metrics_say(
 ):
     """filterd-train on a SpamAssassin-layout corpus, then `filterd score --json` over its
     test split: the verdicts agree with what metrics.json reports."""
+    from filterd.trainer import cli as train_cli
+
     from tests.conftest import SPAMASSASSIN
-    from trainer import cli as train_cli
 
     corpus = tmp_path / "corpus"
     for folder in ("easy_ham", "hard_ham", "spam_2"):

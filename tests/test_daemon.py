@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from filterd import cli, maildir
-from filterd.checkpoint import checkpoint_path
+from filterd import cli
+from filterd.model.checkpoint import checkpoint_path
+from filterd.store import maildir
 from tests.test_engine import make_checkpoint
 from tests.test_smtp_proxy import MSG, sink_running
 

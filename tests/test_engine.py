@@ -5,14 +5,14 @@ import time
 import pytest
 import torch
 
-from filterd.checkpoint import CheckpointMeta, save_checkpoint
-from filterd.classifier import load_classifier
 from filterd.config import Config, ConfigError
 from filterd.engine import INLINE_BYTES, Engine, ScoringTimeout
 from filterd.headers import Tagger
 from filterd.mail import Mail
-from filterd.model import GPT2Classifier, architecture
-from filterd.plugins import Action, Options, Outcome
+from filterd.model.checkpoint import CheckpointMeta, save_checkpoint
+from filterd.model.classifier import load_classifier
+from filterd.model.gpt2 import GPT2Classifier, architecture
+from filterd.plugin_api import Action, Options, Outcome
 
 HAM = b"Subject: lunch\n\nSee you at noon.\n"
 

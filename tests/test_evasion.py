@@ -18,10 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from filterd.message import _CONFUSABLE_FROM as LOOKALIKES
-from filterd.message import _CONFUSABLE_TO as LATIN
-from filterd.message import TEXT_VERSION, message_text, normalize_text
-from filterd.tokenizer import encode, gpt2_encoding
+from filterd.model.tokenizer import encode, gpt2_encoding
+from filterd.text import TEXT_VERSION, message_text, normalize_text
+from filterd.text.plain import _CONFUSABLE_FROM as LOOKALIKES
+from filterd.text.plain import _CONFUSABLE_TO as LATIN
 
 PAYLOAD = "VIAGRA cheap pills at pharma-deals.example order now"
 MAX_TOKENS = 256

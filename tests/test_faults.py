@@ -25,14 +25,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from filterd.builtin.maildir_source import MaildirSource
 
-from filterd import maildir
-from filterd.checkpoint import checkpoint_path
-from filterd.classifier import load_classifier
 from filterd.daemon import Reloader
 from filterd.engine import Engine
-from filterd.maildir_source import MaildirSource
-from filterd.quarantine import Store
+from filterd.model.checkpoint import checkpoint_path
+from filterd.model.classifier import load_classifier
+from filterd.store import maildir
+from filterd.store.quarantine import Store
 from tests.test_daemon import Daemon, settings, wait_until
 from tests.test_engine import make_checkpoint
 from tests.test_maildir_source import message, source, until

@@ -34,7 +34,7 @@ from filterd.cli import main
 from filterd.engine import Engine
 from filterd.headers import Tagger
 from filterd.mail import Mail
-from filterd.message import TextLimits, message_text
+from filterd.text import TextLimits, message_text
 from filterd.verdict import Verdict
 from tests.hostile import BIG_ATTACHMENT_BYTES, PAYLOAD, corpus, write_big_attachment
 from tests.test_engine import make_checkpoint
@@ -146,7 +146,7 @@ def test_tagging_is_byte_exact_and_verifiable_for_every_case():
 
 
 def test_engine_gives_every_case_a_verdict(checkpoint):
-    from filterd.classifier import load_classifier
+    from filterd.model.classifier import load_classifier
 
     engine = Engine(load_classifier(checkpoint))
     start = time.perf_counter()

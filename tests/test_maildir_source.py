@@ -7,13 +7,13 @@ import os
 import time
 
 import pytest
+from filterd.builtin.maildir_source import HELD, MaildirSource, successor_name
 
-from filterd import maildir
-from filterd.classifier import load_classifier
 from filterd.config import Config, ConfigError
 from filterd.engine import Engine
 from filterd.headers import Tagger
-from filterd.maildir_source import HELD, MaildirSource, successor_name
+from filterd.model.classifier import load_classifier
+from filterd.store import maildir
 from tests.test_engine import make_checkpoint
 
 KEY = b"k" * 32
@@ -189,7 +189,7 @@ def test_message_taken_meanwhile_is_left_where_it_went(
         return write_temp(*args, like=like, **kwargs)
 
     monkeypatch.setattr(maildir, "write_temp", client_acts_first)
-    caplog.set_level(logging.INFO, "filterd.maildir")
+    caplog.set_level(logging.INFO, "filterd.store.maildir")
     clf, scoring = (spam, {"quarantine_threshold": 0.8}) if folder == ".Junk" else (ham, {})
     src = source(tmp_path, clf, scoring)
 

@@ -1,4 +1,4 @@
-"""Tests for filterd.message: the text the model sees for a mail or an SMS."""
+"""Tests for filterd.text: the text the model sees for a mail or an SMS."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from filterd.message import TEXT_VERSION, TextLimits, message_text, normalize_text
+from filterd.text import TEXT_VERSION, TextLimits, message_text, normalize_text
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 CORPUS = CORPUS / "spamassassin-public-corpus"

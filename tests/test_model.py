@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from filterd.model import ARCHITECTURES, GPT2Classifier, GPTConfig, architecture, pad_batch
-from filterd.tokenizer import ENDOFTEXT, encode, gpt2_encoding
+from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier, GPTConfig, architecture, pad_batch
+from filterd.model.tokenizer import ENDOFTEXT, encode, gpt2_encoding
 
 
 def test_tokenizer_offline_matches_gpt2():

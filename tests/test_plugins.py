@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 
-from filterd import plugins
+from filterd import plugin_api
 from filterd.config import Config, ConfigError, PluginChoice
 from filterd.engine import Engine
 from filterd.headers import Tagger
@@ -15,7 +15,7 @@ KEY = b"k" * 32
 
 def lists(**options):
     choice = PluginChoice(name="lists", options=options)
-    return plugins.load("checks", choice, "checks[0]", Config())
+    return plugin_api.load("checks", choice, "checks[0]", Config())
 
 
 def engine_with(*checks):
@@ -28,9 +28,9 @@ def mail(sender: str = "x@example.com", envelope: str | None = None) -> Mail:
 
 
 def test_builtins_are_registered_by_name():
-    assert {"lists"} <= set(plugins.available("checks"))
-    assert {"tag", "quarantine", "reject"} <= set(plugins.available("actions"))
-    assert "stdin" in plugins.available("sources")
+    assert {"lists"} <= set(plugin_api.available("checks"))
+    assert {"tag", "quarantine", "reject"} <= set(plugin_api.available("actions"))
+    assert "stdin" in plugin_api.available("sources")
 
 
 def test_lists_decide_without_the_model_by_from_or_envelope():
@@ -70,14 +70,14 @@ def test_block_action_and_option_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"checks\[0\]\.options\.alow: Extra inputs"):
         lists(alow=["x.example"])
     with pytest.raises(ConfigError, match=r"checks\[0\]\.name: no checks plugin 'nope'.*lists"):
-        plugins.load("checks", PluginChoice(name="nope"), "checks[0]", Config())
+        plugin_api.load("checks", PluginChoice(name="nope"), "checks[0]", Config())
 
 
 def test_third_party_plugin_installs_and_is_selected_from_config(tmp_path, monkeypatch):
     (tmp_path / "acme_filter.py").write_text(
         textwrap.dedent(
             """
-            from filterd.plugins import Check, Decision, Options
+            from filterd.plugin_api import Check, Decision, Options
 
             class SubjectOptions(Options):
                 word: str
@@ -103,9 +103,9 @@ def test_third_party_plugin_installs_and_is_selected_from_config(tmp_path, monke
         "[filterd.checks]\nacme = acme_filter:SubjectCheck\nbroken = acme_filter:NotAPlugin\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert "acme" in plugins.available("checks")
+    assert "acme" in plugin_api.available("checks")
     config = Config.model_validate({"checks": [{"name": "acme", "options": {"word": "offer"}}]})
-    check = plugins.load("checks", config.checks[0], "checks[0]", config)
+    check = plugin_api.load("checks", config.checks[0], "checks[0]", config)
     engine = engine_with(check)
     v1, v2 = engine.verdicts([mail(), Mail(b"Subject: hi\n\nnothing")])
     assert (v1.is_spam, v1.action, v1.reason, v1.decided_by) == (
@@ -116,7 +116,7 @@ def test_third_party_plugin_installs_and_is_selected_from_config(tmp_path, monke
     )
     assert v2.decided_by == "model"
     with pytest.raises(ConfigError, match=r"checks\[0\]\.options\.word: Field required"):
-        plugins.load("checks", PluginChoice(name="acme"), "checks[0]", config)
+        plugin_api.load("checks", PluginChoice(name="acme"), "checks[0]", config)
     with pytest.raises(ConfigError, match="not a filterd Check"):
-        plugins.load("checks", PluginChoice(name="broken"), "checks[0]", config)
+        plugin_api.load("checks", PluginChoice(name="broken"), "checks[0]", config)
     sys.modules.pop("acme_filter", None)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from filterd import pretrained
-from filterd.model import pad_batch
-from filterd.pretrained import PretrainedError, load_pretrained, read_weights
-from filterd.tokenizer import ENDOFTEXT, encode
+from filterd.model import pretrained
+from filterd.model.gpt2 import pad_batch
+from filterd.model.pretrained import PretrainedError, load_pretrained, read_weights
+from filterd.model.tokenizer import ENDOFTEXT, encode
 
 transformers = pytest.importorskip("transformers")
 

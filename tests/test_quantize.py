@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from filterd.checkpoint import CheckpointMeta, save_checkpoint
-from filterd.classifier import Classifier, load_classifier
 from filterd.config import Config, ConfigError, load_config
-from filterd.model import GPT2Classifier, architecture, pad_batch
-from filterd.quantize import Int8Linear, quantize_int8
-from filterd.tokenizer import ENDOFTEXT, encode
+from filterd.model.checkpoint import CheckpointMeta, save_checkpoint
+from filterd.model.classifier import Classifier, load_classifier
+from filterd.model.gpt2 import GPT2Classifier, architecture, pad_batch
+from filterd.model.quantize import Int8Linear, quantize_int8
+from filterd.model.tokenizer import ENDOFTEXT, encode
 from tests.test_cli_score import run, write_config
 
 

@@ -6,7 +6,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from filterd.mail import Mail
-from filterd.quarantine import QuarantineError, Store
+from filterd.store.quarantine import QuarantineError, Store
 from filterd.verdict import Verdict
 
 RAW = b"From a@b Sat Jan  1 00:00:00 2000\r\nSubject: caf\xc3\xa9\r\n\r\nbody \xff no final EOL"

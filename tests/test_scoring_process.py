@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from filterd.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
-from filterd.classifier import load_classifier
 from filterd.config import Config
 from filterd.engine import Engine
 from filterd.mail import Mail
-from filterd.model import GPT2Classifier, architecture
-from filterd.scoring_process import ProcessClassifier, ScoringProcessError
+from filterd.model.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
+from filterd.model.classifier import load_classifier
+from filterd.model.gpt2 import GPT2Classifier, architecture
+from filterd.model.scoring_process import ProcessClassifier, ScoringProcessError
 from tests.test_checkpoint import flip_byte
 
 MESSAGES = [
@@ -170,7 +170,7 @@ def test_the_child_outlives_neither_sigterm_nor_its_parent(tmp_path, checkpoint)
     script.write_text(
         textwrap.dedent(f"""
         import sys, time
-        from filterd.scoring_process import ProcessClassifier
+        from filterd.model.scoring_process import ProcessClassifier
         if __name__ == "__main__":
             clf = ProcessClassifier({str(checkpoint)!r})
             print(clf.pid, flush=True)

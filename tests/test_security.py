@@ -21,17 +21,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as save_tensors
 
-import filterd.checkpoint as checkpoint_module
-from filterd.checkpoint import CheckpointError, CheckpointMeta, is_checkpoint, load_checkpoint
-from filterd.classifier import load_classifier
+import filterd.model.checkpoint as checkpoint_module
 from filterd.cli import main
 from filterd.config import ConfigError, load_config
 from filterd.engine import Engine
 from filterd.headers import Tagger
 from filterd.mail import Mail
-from filterd.model import GPT2Classifier, architecture
-from filterd.pretrained import PretrainedError, load_pretrained
-from filterd.quarantine import QuarantineError, Store
+from filterd.model.checkpoint import CheckpointError, CheckpointMeta, is_checkpoint, load_checkpoint
+from filterd.model.classifier import load_classifier
+from filterd.model.gpt2 import GPT2Classifier, architecture
+from filterd.model.pretrained import PretrainedError, load_pretrained
+from filterd.store.quarantine import QuarantineError, Store
 from filterd.verdict import Verdict
 from tests.test_engine import make_checkpoint
 
@@ -234,7 +234,7 @@ def test_yaml_bombs_fail_fast(tmp_path, monkeypatch, capsysbinary):
 
 def test_plugin_names_reach_entry_points_only(tmp_path, monkeypatch, capsysbinary):
     ck = make_checkpoint(tmp_path / "ck", 0.0)
-    for name in ("os:system", "plugins.lists:ListsCheck", "../../evil", "builtins:exec"):
+    for name in ("os:system", "filterd.builtin.lists:ListsCheck", "../../evil", "builtins:exec"):
         path = tmp_path / "config.yaml"
         path.write_text(f"checkpoint: {ck}\nchecks:\n  - name: {json.dumps(name)}\n")
         code, _, err = run_cli(monkeypatch, capsysbinary, ["check", "--config", path])

@@ -11,12 +11,12 @@ import time
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
+from filterd.builtin.smtp_proxy import DSN_PARAMS, SmtpProxy, dot_stuffed
 
 from filterd.config import Config, ConfigError, load_config
 from filterd.engine import Engine
-from filterd.plugins import Outcome
-from filterd.quarantine import Store
-from filterd.smtp_proxy import DSN_PARAMS, SmtpProxy, dot_stuffed
+from filterd.plugin_api import Outcome
+from filterd.store.quarantine import Store
 from tests.test_engine import make_checkpoint
 
 MSG = (

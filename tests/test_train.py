@@ -2,17 +2,17 @@ import json
 
 import pytest
 import torch
+from filterd.trainer import cli
+from filterd.trainer.metrics import binary_metrics, choose_threshold, roc_auc
+from filterd.trainer.train import Settings, set_trainable, train
 
 import filterd
-from filterd.checkpoint import CheckpointError
-from filterd.message import TEXT_VERSION
-from filterd.model import GPT2Classifier, architecture
-from filterd.tokenizer import encode
+from filterd.model.checkpoint import CheckpointError
+from filterd.model.gpt2 import GPT2Classifier, architecture
+from filterd.model.tokenizer import encode
+from filterd.text import TEXT_VERSION
 from tests.conftest import SMS_FILE
 from tests.test_checkpoint import _rewrite_meta
-from trainer import cli
-from trainer.metrics import binary_metrics, choose_threshold, roc_auc
-from trainer.train import Settings, set_trainable, train
 
 
 def _tokens(sms_lines, n):
@@ -146,7 +146,7 @@ def test_cli_errors_are_clear(argv, message, capsys, tmp_path, monkeypatch):
 
 
 def test_missing_pretrained_weights_never_fall_back_silently(tmp_path, monkeypatch, capsys):
-    from filterd import pretrained
+    from filterd.model import pretrained
 
     monkeypatch.setattr(pretrained, "HUB_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("FILTERD_CACHE", str(tmp_path))

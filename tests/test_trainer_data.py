@@ -2,9 +2,7 @@ import mailbox
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import SMS_FILE, SPAMASSASSIN
-from trainer.data import (
+from filterd.trainer.data import (
     DataError,
     Example,
     deduplicate,
@@ -15,6 +13,8 @@ from trainer.data import (
     read_split,
     write_split,
 )
+
+from tests.conftest import SMS_FILE, SPAMASSASSIN
 
 
 def test_sms_reader_splits_on_first_tab_only():

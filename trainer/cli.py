@@ -8,11 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+from filterd.trainer.data import DataError, Example, prepare, read_mail, read_sms, read_spamassassin
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-
-from trainer.data import DataError, Example, prepare, read_mail, read_sms, read_spamassassin
 
 err = Console(stderr=True)
 out = Console()
@@ -89,7 +88,7 @@ def read_examples(args: argparse.Namespace) -> list[Example]:
         raise DataError("give one data source: --sms, --ham/--spam, or --spamassassin")
     if args.sms:
         if args.sms == "download":
-            from trainer.data import download_sms
+            from filterd.trainer.data import download_sms
 
             return read_sms(download_sms(cache_dir() / "sms-spam-collection"))
         return read_sms(Path(args.sms))
@@ -104,12 +103,12 @@ def read_examples(args: argparse.Namespace) -> list[Example]:
 
 def run_training(args: argparse.Namespace) -> int:
     import torch
+    from filterd.trainer.data import write_split
+    from filterd.trainer.metrics import binary_metrics, choose_threshold
+    from filterd.trainer.train import Batcher, Settings, predict, set_trainable, train
 
-    from filterd.checkpoint import CheckpointMeta, save_checkpoint
-    from filterd.tokenizer import encode
-    from trainer.data import write_split
-    from trainer.metrics import binary_metrics, choose_threshold
-    from trainer.train import Batcher, Settings, predict, set_trainable, train
+    from filterd.model.checkpoint import CheckpointMeta, save_checkpoint
+    from filterd.model.tokenizer import encode
 
     if not args.out:
         raise DataError("--out DIR is required to train")
@@ -217,7 +216,7 @@ def run_training(args: argparse.Namespace) -> int:
     path = save_checkpoint(args.out, model.cpu(), meta)
     (args.out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
-        from trainer.plot import write_plots
+        from filterd.trainer.plot import write_plots
 
         for png in write_plots(args.out, history, probs["test"], split_labels["test"]):
             err.print(f"wrote {png}", highlight=False)
@@ -234,9 +233,9 @@ def initial_model(init: str, arch: str, dropout: float | None):
     """
     from dataclasses import replace
 
-    from filterd.checkpoint import is_checkpoint, load_checkpoint
-    from filterd.model import GPT2Classifier, architecture, architecture_name
-    from filterd.pretrained import load_pretrained
+    from filterd.model.checkpoint import is_checkpoint, load_checkpoint
+    from filterd.model.gpt2 import GPT2Classifier, architecture, architecture_name
+    from filterd.model.pretrained import load_pretrained
 
     if init == "random":
         default = RANDOM_DEFAULTS["dropout"]
@@ -286,9 +285,10 @@ def _fmt(value: float | None) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    from filterd.trainer.data import deduplicate, read_split
+    from filterd.trainer.metrics import binary_metrics
+
     import filterd
-    from trainer.data import deduplicate, read_split
-    from trainer.metrics import binary_metrics
 
     clf = filterd.load_classifier(args.evaluate)
     if args.split:

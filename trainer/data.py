@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filterd.download import fetch
-from filterd.message import TextLimits, message_text, normalize_text
+from filterd.text import TextLimits, message_text, normalize_text
 
 LABELS = ("ham", "spam")
 SMS_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -33,7 +33,7 @@ class DataError(ValueError):
 class Example:
     id: str
     label: str  # "ham" or "spam"
-    text: str  # the model text: what filterd.message extracts, identical at run time
+    text: str  # the model text: what filterd.text extracts, identical at run time
 
     @property
     def y(self) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from trainer.metrics import roc_auc, roc_curve
-from trainer.train import History
+from filterd.trainer.metrics import roc_auc, roc_curve
+from filterd.trainer.train import History
 
 
 def write_plots(

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from filterd.classifier import length_batches
-from filterd.model import GPT2Classifier, pad_batch
-from filterd.tokenizer import ENDOFTEXT
+from filterd.model.classifier import length_batches
+from filterd.model.gpt2 import GPT2Classifier, pad_batch
+from filterd.model.tokenizer import ENDOFTEXT
 
 EVAL_BATCH_TOKENS = 8192
 

@@ -14,12 +14,12 @@ from typing import get_args
 
 import torch
 
-from filterd.checkpoint import CheckpointMeta, load_checkpoint
 from filterd.config import Precision
-from filterd.message import TextLimits, message_text
-from filterd.model import GPT2Classifier, pad_batch
-from filterd.quantize import quantize_int8
-from filterd.tokenizer import ENDOFTEXT, encode
+from filterd.model.checkpoint import CheckpointMeta, load_checkpoint
+from filterd.model.gpt2 import GPT2Classifier, pad_batch
+from filterd.model.quantize import quantize_int8
+from filterd.model.tokenizer import ENDOFTEXT, encode
+from filterd.text import TextLimits, message_text
 
 # Micro-batches group messages of similar length and hold at most this many padded
 # tokens, so one long message never drags a whole batch to its length.
@@ -29,7 +29,7 @@ MAX_BATCH = 64
 
 class Scorer(ABC):
     """A loaded checkpoint as the engine uses it, wherever its model runs: here
-    (Classifier) or in a child process (filterd.scoring_process.ProcessClassifier)."""
+    (Classifier) or in a child process (filterd.model.scoring_process.ProcessClassifier)."""
 
     meta: CheckpointMeta
 

@@ -3,7 +3,7 @@
 A plugin is a class registered under one of the GROUPS in its package's metadata, e.g.
 
     [project.entry-points."filterd.checks"]
-    lists = "plugins.lists:ListsCheck"
+    lists = "filterd.builtin.lists:ListsCheck"
 
 filterd's built-ins (in `plugins/`) register exactly as a third-party package would, and
 config.yaml picks them by that name. Each plugin declares its options as a pydantic model

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from filterd.model import GPT2Classifier
+from filterd.model.gpt2 import GPT2Classifier
 
 
 class Int8Linear(nn.Module):

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from filterd.download import ChecksumError, cache_dir, fetch
-from filterd.model import ARCHITECTURES, GPT2Classifier, GPTConfig
+from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier, GPTConfig
 
 HUB_URL = os.environ.get("FILTERD_HUB_URL", "https://huggingface.co")
 HUB_REPOS = {

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from filterd.checkpoint import CheckpointMeta
-from filterd.classifier import Classifier, Scorer, load_classifier
 from filterd.config import Precision
-from filterd.message import TextLimits, head_and_tail
+from filterd.model.checkpoint import CheckpointMeta
+from filterd.model.classifier import Classifier, Scorer, load_classifier
+from filterd.text import TextLimits, head_and_tail
 
 _child: Classifier | None = None  # in the child process: its one model
 RESTART_PAUSE = 10.0

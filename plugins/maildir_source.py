@@ -41,14 +41,14 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from filterd import maildir
-from filterd.classifier import MAX_BATCH
 from filterd.config import ConfigError, Maildir
 from filterd.engine import Engine
 from filterd.mail import Mail
+from filterd.model.classifier import MAX_BATCH
+from filterd.store import maildir
 from filterd.verdict import Verdict
 
-log = logging.getLogger("filterd.maildir")
+log = logging.getLogger("filterd.store.maildir")
 
 HELD = ".filterd-held"  # suffix of an original claimed into tmp/ while its successor is placed
 _SIZE_FIELD = re.compile(r",([SW])=[0-9]+")

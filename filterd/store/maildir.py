@@ -12,7 +12,7 @@ import socket
 import time
 from pathlib import Path
 
-from filterd.durable import fsync_dir, write_temp
+from filterd.store.durable import fsync_dir, write_temp
 
 __all__ = ["deliver", "ensure", "fsync_dir", "unique_name", "write_durably", "write_temp"]
 

@@ -30,7 +30,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from filterd.config import Config
 from filterd.mail import Mail
-from filterd.plugins import Handler, Outcome
+from filterd.plugin_api import Handler, Outcome
 
 log = logging.getLogger("filterd.smtp")
 

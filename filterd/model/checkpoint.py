@@ -22,9 +22,9 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from filterd import __version__
-from filterd.durable import replace_durably
-from filterd.message import TEXT_VERSION
-from filterd.model import GPT2Classifier, GPTConfig
+from filterd.model.gpt2 import GPT2Classifier, GPTConfig
+from filterd.store.durable import replace_durably
+from filterd.text import TEXT_VERSION
 
 FORMAT = "filterd-checkpoint/1"
 FILENAME = "model.safetensors"

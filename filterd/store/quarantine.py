@@ -20,8 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from filterd import maildir
 from filterd.mail import Mail
+from filterd.store import maildir
 from filterd.verdict import Verdict
 
 ID_PATTERN = re.compile(r"[0-9]{10,12}\.[0-9a-f]{16}")

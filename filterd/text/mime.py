@@ -1,0 +1,248 @@
+"""The MIME walk: a raw RFC 5322 message to the text the model reads.
+
+The trainer and the runtime both call it, so a message is seen the same way when
+it is learned and when it is judged. Anything that would only tell the model *which corpus*
+a mail came from (routing headers, addresses) is left out, and every step is capped so a
+hostile mail costs bounded time and memory.
+
+Bump TEXT_VERSION whenever the output of message_text or normalize_text changes: a model
+trained on one version of the text should not be scored on another.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+from email.message import Message
+
+from filterd.text.charset import decode, transfer_decode
+from filterd.text.fields import content_info, decode_words, display_name, split_headers
+from filterd.text.html import html_to_text
+from filterd.text.plain import cap, normalize_text
+
+# v2: every default-ignorable code point dropped, Latin look-alikes folded in mixed words,
+# and the caps keep the head and the tail (bytes, parts) or flatten (depth) instead of cutting.
+TEXT_VERSION: int = 2
+
+
+@dataclass(frozen=True)
+class TextLimits:
+    """Caps on work per message, so hostile mail costs bounded time and memory."""
+
+    max_bytes: int = 2_000_000  # raw bytes parsed; the rest is ignored
+    max_parts: int = 200  # MIME parts walked
+    max_depth: int = 30  # multipart nesting followed
+    max_chars: int = 100_000  # characters of text extracted (keep head 3/4 and tail 1/4 when over)
+
+
+class _Walker:
+    """Collects the text blocks of one message, counting parts against the limits."""
+
+    def __init__(self, limits: TextLimits) -> None:
+        self.limits = limits
+        self.parts = 0
+        self.blocks: list[str] = []
+
+    def message(self, data: bytes, depth: int) -> None:
+        headers, body = split_headers(data)
+        lines = []
+        subject = decode_words(headers.get("subject", ""))
+        if subject:
+            lines.append(f"Subject: {subject}")
+        name = display_name(headers.get("from", ""))
+        if name:
+            lines.append(f"From: {name}")
+        if lines:
+            self.blocks.append("\n".join(lines))
+        self.part(headers, body, depth, "text/plain")
+
+    def part(self, headers: dict[str, str], body: bytes, depth: int, default: str) -> None:
+        if self.parts >= self.limits.max_parts:
+            return
+        self.parts += 1
+        if depth > self.limits.max_depth:
+            # Too deep to walk: its text with the MIME scaffolding removed, so nesting a
+            # payload past the cap does not hide it.
+            self.blocks.append(_MIME_LINE.sub("", decode(body)))
+            return
+        try:
+            self._part(headers, body, depth, default)
+        except RecursionError:
+            raise
+        except Exception:  # one broken part should not cost the rest of the message
+            pass
+
+    def _part(self, headers: dict[str, str], body: bytes, depth: int, default: str) -> None:
+        if "content-type" not in headers and default == "text/plain":
+            # A MIME body whose Content-Type header went missing (common in old spam):
+            # reading it as the parts it plainly is beats showing the model base64.
+            boundary = _sniff_boundary(body[:1024])
+            if boundary:
+                headers = {**headers, "content-type": f'multipart/mixed; boundary="{boundary}"'}
+        info = content_info(headers, default)
+        ctype = info.get_content_type()
+        main = ctype.split("/", 1)[0]
+        cte = headers.get("content-transfer-encoding", "")
+        if main == "multipart":
+            self.multipart(info, body, depth)
+        elif ctype in ("message/rfc822", "message/global", "text/rfc822-headers"):
+            self.message(transfer_decode(body, cte), depth + 1)
+        elif main != "text" or info.get_content_disposition() == "attachment":
+            name = decode_words(info.get_filename() or "")[:200]
+            self.blocks.append(f"[attachment: {name or ctype}]")
+        else:
+            text = decode(transfer_decode(body, cte), info.get_content_charset())
+            # HTML sent as text/plain is rendered as HTML by the clients spammers target.
+            if ctype == "text/html" or (ctype == "text/plain" and _HTML_START.match(text)):
+                # Markup outweighs text many times over; past this the parse costs seconds.
+                text = html_to_text(cap(text, 4 * self.limits.max_chars))
+            self.blocks.append(text)
+
+    def multipart(self, info: Message, body: bytes, depth: int) -> None:
+        room = self.limits.max_parts - self.parts
+        kids = _split_multipart(body, info.get_boundary(), room)
+        if kids is None:  # boundary missing or wrong: look for the one the body uses
+            kids = _split_multipart(body, _sniff_boundary(body[:65536]), room)
+        if kids is None:  # no parts at all: the stdlib also keeps such a body as text
+            self.blocks.append(_MIME_LINE.sub("", decode(body)))
+            return
+        subtype = info.get_content_subtype()
+        default = "message/rfc822" if subtype == "digest" else "text/plain"
+        kids = [split_headers(kid) for kid in kids]
+        if subtype != "alternative":
+            for headers, body in kids:
+                self.part(headers, body, depth + 1, default)
+            return
+        # multipart/alternative: the plain version if it says anything, else the richest.
+        plain, rich = [], []
+        for kid in kids:
+            kind = content_info(kid[0], default)
+            inline = kind.get_content_disposition() != "attachment"
+            is_plain = kind.get_content_type() == "text/plain" and inline
+            (plain if is_plain else rich).append(kid)
+        for headers, body in plain + rich[::-1]:
+            mark = len(self.blocks)
+            self.part(headers, body, depth + 1, default)
+            if any(not block.isspace() and block for block in self.blocks[mark:]):
+                return
+            del self.blocks[mark:]
+
+
+def _split_multipart(body: bytes, boundary: str | None, room: int) -> list[bytes] | None:
+    """Raw bytes of at most `room` body parts; None if the boundary never appears. Past
+    `room` parts, the first 3/4 and the last 1/4 are kept: a payload after a run of empty
+    parts is still read.
+
+    Some mailers put spaces into the delimiter lines that the boundary parameter lacks, so
+    when the exact delimiter is absent a whitespace-blind one is tried.
+    """
+    if not boundary:
+        return None
+    if room <= 0:
+        return []
+    mark = boundary.encode("utf-8", "replace")
+    kids = _cut(body, re.escape(mark), room)
+    if kids is None:
+        loose = rb"[ \t]*".join(re.escape(bytes([c])) for c in mark if c not in b" \t")
+        kids = _cut(body, rb"[ \t]*" + loose, room)
+    return kids
+
+
+def _cut(body: bytes, mark: bytes, room: int) -> list[bytes] | None:
+    delimiter = re.compile(rb"^--" + mark + rb"(--)?[ \t]*\r?$", re.M)
+    tail_room = room // 4
+    head: list[tuple[int, int]] = []  # spans, not slices: bytes are copied once, at the end
+    tail: deque[tuple[int, int]] = deque(maxlen=tail_room or None)
+    start = None
+    for m in delimiter.finditer(body):
+        if start is not None:
+            end = m.start()  # the line break before a delimiter belongs to it
+            if body[end - 1 : end] == b"\n":
+                end -= 1
+            if body[end - 1 : end] == b"\r":
+                end -= 1
+            if len(head) < room - tail_room:
+                head.append((start, max(end, start)))
+            elif tail_room:
+                tail.append((start, max(end, start)))
+            else:
+                break
+        if m[1]:  # closing delimiter: the epilogue is not part of the message
+            start = None
+            break
+        start = m.end() + (body[m.end() : m.end() + 1] == b"\n")
+    else:
+        if start is None:
+            return None
+    if start is not None:  # the last part, never closed
+        if len(head) < room - tail_room:
+            head.append((start, len(body)))
+        elif tail_room:
+            tail.append((start, len(body)))
+    return [body[a:b] for a, b in [*head, *tail]]
+
+
+_SNIFF = re.compile(
+    rb'^--([^\s"]{1,200})[ \t]*\r?\nContent-(?:Type|Transfer-Encoding):', re.M | re.I
+)
+_HTML_START = re.compile(
+    r"\s*<(?:!--|(?:!doctype|x-html|html|head|body|font|center|table|div|p|b)\b)", re.I
+)
+_MIME_LINE = re.compile(r"^--\S*[ \t]*$|^Content-[\w-]+:.*$", re.M | re.I)
+
+
+def _sniff_boundary(head: bytes) -> str | None:
+    """The boundary of the first delimiter line followed by a MIME header, if any."""
+    m = _SNIFF.search(head)
+    return m[1].decode("latin-1") if m else None
+
+
+def _fallback(raw: bytes) -> str:
+    """Last resort when parsing fails: the body bytes as text, minus MIME scaffolding."""
+    try:
+        _, body = split_headers(raw)
+    except Exception:
+        body = raw
+    return _MIME_LINE.sub("", decode(body))
+
+
+def head_and_tail(raw: bytes, max_bytes: int) -> bytes:
+    """At most max_bytes: the first 3/4 and the last 1/4, cut at line starts, so a text
+    part behind a big attachment is still read. Cutting again changes nothing."""
+    if len(raw) <= max_bytes:
+        return bytes(raw)
+    head = max_bytes * 3 // 4
+    cut = raw.rfind(b"\n", 0, head) + 1 or head
+    tail = len(raw) - (max_bytes - cut)
+    resume = raw.find(b"\n", tail - 1) + 1 or tail
+    return bytes(raw[:cut]) + bytes(raw[resume:])
+
+
+def message_text(raw: bytes, limits: TextLimits = TextLimits()) -> str:
+    """The text the model reads for one raw RFC 5322 / MIME message.
+
+    `Subject: ...`, `From: <display name>`, a blank line, then the visible body text, all
+    normalized and capped. Never raises: a spam filter must not crash on the mail it is
+    meant to judge.
+    """
+    try:
+        if isinstance(raw, str):  # be forgiving to callers that already decoded the mail
+            raw = raw.encode("utf-8", "replace")
+        # One line-ending convention, so bare-CR mail cannot fold the body into a header.
+        raw = head_and_tail(raw, limits.max_bytes).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if raw.startswith(b"From "):  # mbox separator line
+            newline = raw.find(b"\n")
+            raw = raw[newline + 1 :] if newline >= 0 else b""
+        raw = raw.lstrip(b"\n")  # else the headers would be read as body text
+        try:
+            walker = _Walker(limits)
+            walker.message(raw, 0)
+            text = "\n\n".join(walker.blocks)
+        except Exception:  # RecursionError on absurd limits, anything on hostile bytes
+            text = _fallback(raw)
+        if len(text) > 4 * limits.max_chars:  # bound the cost of normalizing
+            text = cap(text, 4 * limits.max_chars)
+        return cap(normalize_text(text), limits.max_chars)
+    except Exception:
+        return ""
