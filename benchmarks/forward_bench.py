@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from filterd.model.gpt2 import GPT2Classifier, architecture
+from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=7)
     args = p.parse_args()
     torch.manual_seed(0)
-    model = GPT2Classifier(architecture(args.arch)).eval()
+    model = GPT2Classifier(ARCHITECTURES[args.arch]).eval()
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.tokens))
     lengths = torch.full((args.batch,), args.tokens)
     times = []

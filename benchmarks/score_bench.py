@@ -22,7 +22,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from filterd.model.checkpoint import CheckpointMeta
 from filterd.model.classifier import BATCH_TOKENS, Classifier
-from filterd.model.gpt2 import GPT2Classifier, architecture
+from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier
 from filterd.model.tokenizer import ENDOFTEXT
 from filterd.text import message_text
 
@@ -66,7 +66,7 @@ def main() -> None:
 
     raws = corpus_sample(args.corpus, args.messages)
     torch.manual_seed(0)
-    config = architecture("gpt2")
+    config = ARCHITECTURES["gpt2"]
     ours = GPT2Classifier(config).eval()
     meta = CheckpointMeta(arch="gpt2", config=config.to_dict(), max_tokens=args.max_tokens)
     clf8 = Classifier(copy.deepcopy(ours), meta, precision="int8")

@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 import torch
-from filterd.builtin.smtp_proxy import NextHop
 from score_bench import CORPUS, corpus_sample
 
+from filterd.builtin.smtp_proxy import NextHop
 from filterd.model.checkpoint import CheckpointMeta, save_checkpoint
 from filterd.model.classifier import load_classifier
-from filterd.model.gpt2 import GPT2Classifier, architecture
+from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier
 
 _ID = re.compile(rb"^X-Bench-Id: (\d+)\r$", re.MULTILINE)
 
@@ -88,7 +88,7 @@ class Sink(asyncio.Protocol):
 
 def write_checkpoint(arch: str, folder: Path) -> Path:
     torch.manual_seed(0)
-    model = GPT2Classifier(architecture(arch)).eval()
+    model = GPT2Classifier(ARCHITECTURES[arch]).eval()
     meta = CheckpointMeta(arch=arch, config=model.config.to_dict(), max_tokens=256)
     return save_checkpoint(folder, model, meta)
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier
+from filterd.model.tokenizer import ENDOFTEXT, gpt2_tokenizer
 from filterd.trainer.data import prepare, read_sms
 from filterd.trainer.train import Settings, set_trainable, train
-
-from filterd.model.gpt2 import GPT2Classifier, architecture
-from filterd.model.tokenizer import ENDOFTEXT, encode
 
 SMS = Path(__file__).resolve().parents[2] / "shared/datasets/sms-spam-collection/SMSSpamCollection"
 
@@ -48,7 +48,8 @@ def reference_epochs(model, tokens, labels, epochs, batch_size, seed, longest) -
         rng.shuffle(order)
         for b in range(0, len(order), batch_size):
             batch = order[b : b + batch_size]
-            h = model.ln_f(model.run_blocks(model.embed(ids[batch])))
+            x = model.embed(ids[batch])
+            h = model.ln_f(model.run_blocks(x, torch.full((len(x),), x.shape[1])))
             loss = F.cross_entropy(model.score(h[:, -1]), y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -71,6 +72,7 @@ def filterd_epochs(model, tokens, labels, epochs, batch_size, seed) -> list[floa
         labels[:1],
         settings,
         on_step=lambda epoch, step, loss: stamps.__setitem__(epoch, time.perf_counter()),
+        pad_id=ENDOFTEXT,
     )
     ends = [stamps[e] for e in range(epochs)]
     return [b - a for a, b in zip([start, *ends[:-1]], ends, strict=True)]
@@ -89,9 +91,9 @@ def main() -> None:
     p.add_argument("--sms", type=Path, default=SMS)
     args = p.parse_args()
     data = prepare(read_sms(args.sms), seed=123)
-    longest = max(len(encode(e.text, 256)) for e in data.train)
+    longest = max(len(gpt2_tokenizer().encode(e.text, 256)) for e in data.train)
     train_set = data.train[: args.limit] if args.limit else data.train
-    tokens = [encode(e.text, 256) for e in train_set]
+    tokens = [gpt2_tokenizer().encode(e.text, 256) for e in train_set]
     labels = [e.y for e in train_set]
     n_tokens = sum(map(len, tokens))
     print(
@@ -103,7 +105,7 @@ def main() -> None:
     reference = functools.partial(reference_epochs, longest=longest)
     for name, run in (("reference", reference), ("filterd", filterd_epochs)):
         torch.manual_seed(0)
-        model = GPT2Classifier(architecture(args.arch))
+        model = GPT2Classifier(ARCHITECTURES[args.arch])
         times = run(model, tokens, labels, args.epochs, 8, 123)
         results[name] = sum(times) / len(times)
         per_epoch = ", ".join(f"{t:.1f}" for t in times)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -28,7 +28,7 @@ EX_CONFIG = 2  # bad arguments or configuration (argparse uses 2 too)
 EX_CHECKPOINT = 3  # the checkpoint cannot be loaded
 EX_SOME_FAILED = 4  # some messages could not be read or scored; the rest were reported
 EX_QUARANTINE = 5  # a quarantine request failed (bad ID, no such message, release refused)
-EX_TEMPFAIL = 75  # --tag under the tempfail policy: nothing written, retry later
+EX_TEMPFAIL = os.EX_TEMPFAIL  # 75, --tag under the tempfail policy: nothing written, retry later
 
 _CHUNK = 256  # messages read and scored at a time over a folder: bounded memory
 
@@ -38,7 +38,10 @@ def _err(message: str) -> None:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(args.config)
+    config = load_config(args.config)
+    for note in config.notes():
+        _err(f"note: {note}")
+    return config
 
 
 def _engine(  # imported lazily: torch
@@ -52,10 +55,12 @@ def _engine(  # imported lazily: torch
 # --- score --------------------------------------------------------------------------------
 
 
-def _load(args: argparse.Namespace, serving: bool = False) -> tuple[Config, Engine] | int:
+def _load(
+    args: argparse.Namespace, serving: bool = False, config: Config | None = None
+) -> tuple[Config, Engine] | int:
     """The config and the engine, or the exit status after saying what is wrong."""
     try:
-        config = _config(args)
+        config = config or _config(args)
         return config, _engine(args, config, serving and config.daemon.scoring_process)
     except ConfigError as e:
         _err(str(e))
@@ -178,8 +183,8 @@ def _score_tag(args: argparse.Namespace) -> int:
     """The pipe filter: the whole message out with headers added, or exit 75 under tempfail."""
     from filterd import plugin_api
     from filterd.config import PluginChoice
-    from filterd.engine import failure
     from filterd.headers import Tagger, load_secret
+    from filterd.plugin_api import Context
 
     if args.paths:
         _err("--tag reads one message from stdin; it takes no FILE arguments")
@@ -188,7 +193,7 @@ def _score_tag(args: argparse.Namespace) -> int:
     try:
         config = _config(args)
         engine = _engine(args, config)
-        handle = functools.partial(engine.handle, tag_only=True)
+        handle, context = engine.handle, engine.context
     except Exception as e:
         why = f"{type(e).__name__}: {e}"
         _err(f"not scoring: {why}")
@@ -197,12 +202,13 @@ def _score_tag(args: argparse.Namespace) -> int:
             tagger = Tagger(load_secret(headers.secret_path()), headers.prefix)
         except Exception:
             tagger = Tagger(None, headers.prefix)
+        context = Context(config, tagger)
 
-        async def handle(mail):
-            return failure(mail, why, config.scoring.failure_policy, tagger)
+        async def handle(mail, **_):
+            return context.failure(mail, why)
 
     source = plugin_api.load("sources", PluginChoice(name="stdin"), "sources.stdin", config)
-    return asyncio.run(source.run(handle))
+    return asyncio.run(source.run(handle, context))
 
 
 # --- check --------------------------------------------------------------------------------
@@ -214,6 +220,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     config, engine = loaded
+    from filterd.daemon import load_sources
+
+    try:
+        sources = load_sources(config)
+    except ConfigError as e:
+        _err(str(e))
+        return EX_CONFIG
     clf = engine.classifier
     print(f"config: {args.config or (DEFAULT_PATH if DEFAULT_PATH.exists() else 'defaults')}")
     path = args.checkpoint or config.checkpoint
@@ -221,6 +234,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"checkpoint: {path} ({clf.name}, {config.precision}, threshold {engine.threshold_of(clf)})"
     )
     print(f"checks: {', '.join(c.name for c in engine.checks) or 'none'}")
+    print(f"sources: {', '.join(s.name for s in sources) or 'none (filterd score only)'}")
     print(f"secret: {config.headers.secret_path()}")
     print(f"quarantine: {config.quarantine.store_path()}")
     print("ok")
@@ -276,23 +290,29 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """The daemon: the sources the config enables, until SIGTERM (README "filterd serve")."""
+    """The daemon: the configured sources, until SIGTERM (README "filterd serve")."""
     import logging
 
-    loaded = _load(args, serving=True)
+    from filterd.daemon import load_sources, run
+
+    try:
+        config = _config(args)
+        sources = load_sources(config)  # before the model loads: a wrong setting fails at once
+    except ConfigError as e:
+        _err(str(e))
+        return EX_CONFIG
+    loaded = _load(args, serving=True, config=config)
     if isinstance(loaded, int):
         return loaded
-    config, engine = loaded
+    engine = loaded[1]
     logging.basicConfig(
         level=config.daemon.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd: a line per command
-    from filterd.daemon import run
-
     try:
-        return run(engine, config, args.checkpoint or config.checkpoint)
+        return run(engine, config, args.checkpoint or config.checkpoint, sources)
     except ConfigError as e:  # a source could not start: which setting is wrong
         _err(str(e))
         return EX_CONFIG

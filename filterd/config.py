@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from filterd.text import TextLimits
 
@@ -108,31 +108,6 @@ class Relay(_Section):
     timeout_seconds: float = Field(30.0, gt=0)
 
 
-class Maildir(_Section):
-    """Maildirs `filterd serve` watches: each message arriving in new/ is scored where it lies."""
-
-    paths: list[Path] = []  # empty: the Maildir source is off
-    # ".Name": that Maildir++ subfolder of each watched Maildir; an absolute path: one Maildir
-    # for all; "store": the quarantine store.
-    quarantine_folder: str = Field(".Junk", pattern=r"^(store|\.[^./][^/]*|[/~].*)$")
-    rescan_seconds: float = Field(60.0, gt=0)  # tempfailed messages are retried this often
-
-
-class Smtp(_Section):
-    """The SMTP proxy of `filterd serve`, in front of the next hop (`relay`)."""
-
-    enabled: bool = False
-    # after_queue: Postfix content_filter (reject not allowed: it would cause backscatter);
-    # before_queue: smtpd_proxy_filter (reject answers 550 5.7.1 to the sending client).
-    mode: Literal["after_queue", "before_queue"] = "after_queue"
-    host: str = "127.0.0.1"  # loopback: the MTA on this machine is the only client
-    port: int = Field(10025, ge=0, le=65535)  # 0: any free port (tests)
-    max_message_bytes: int = Field(52_428_800, ge=1024)  # advertised as SIZE; larger: 552
-    max_connections: int = Field(100, ge=1)  # more: 421 at connect
-    max_queue: int = Field(64, ge=1)  # messages being scored or relayed at once; more: 451
-    timeout_seconds: float = Field(300.0, gt=0)  # an idle client is disconnected
-
-
 class Daemon(_Section):
     """`filterd serve`: model reloads and shutdown."""
 
@@ -153,6 +128,10 @@ class PluginChoice(_Section):
     options: dict[str, Any] = {}
 
 
+# Sections of older configs that are now the options of a built-in source.
+LEGACY_SOURCES = {"smtp": "enabled", "maildir": "paths"}  # section: the key that turns it on
+
+
 class Config(_Section):
     checkpoint: Path | None = None
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -162,26 +141,56 @@ class Config(_Section):
     headers: Headers = Headers()
     quarantine: Quarantine = Quarantine()
     relay: Relay = Relay()
-    maildir: Maildir = Maildir()
-    smtp: Smtp = Smtp()
     daemon: Daemon = Daemon()
     checks: list[PluginChoice] = []
+    sources: list[PluginChoice] = []  # what `filterd serve` runs: smtp, maildir, ...
+    _legacy: tuple[str, ...] = PrivateAttr(())  # sections read as sources, for notes
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _legacy_sections(cls, data: Any, handler: Any) -> Config:
+        """`smtp:` and `maildir:` sections of older configs become entries of `sources`."""
+        legacy: list[str] = []
+        if isinstance(data, dict) and LEGACY_SOURCES.keys() & data.keys():
+            data = dict(data)
+            sources = list(data.get("sources") or [])
+            for section, switch in LEGACY_SOURCES.items():
+                if section not in data:
+                    continue
+                options = data.pop(section)
+                if not isinstance(options, dict):
+                    raise ValueError(f"{section}: expected a mapping of settings")
+                options = dict(options)
+                on = options.pop(switch, False) if section == "smtp" else options.get(switch)
+                if not on:
+                    continue
+                if any(isinstance(c, dict) and c.get("name") == section for c in sources):
+                    raise ValueError(f"{section}: set it as a `{section}` entry of sources only")
+                sources.append({"name": section, "options": options})
+                legacy.append(section)
+            data["sources"] = sources
+        config = handler(data)
+        config._legacy = tuple(legacy)
+        return config
+
+    def source_choices(self) -> list[tuple[str, PluginChoice, str]]:
+        """Each configured source with the keys its errors name: (where, choice, options)."""
+        n = len(self.sources) - len(self._legacy)  # legacy sections come last
+        found = [(f"sources[{i}]", c, f"sources[{i}].options") for i, c in enumerate(self.sources)]
+        return found[:n] + [(s, c, s) for s, c in zip(self._legacy, self.sources[n:], strict=True)]
+
+    def notes(self) -> list[str]:
+        """How to write the sections of an older config the new way."""
+        return [
+            f"the {s}: section is read as the `{s}` source; write it as `sources: [{{name: {s}, "
+            f"options: {{...}}}}]` (config.yaml shows how)"
+            for s in self._legacy
+        ]
 
     @model_validator(mode="after")
     def _int8_on_cpu(self) -> Config:
         if self.precision == "int8" and self.device != "cpu":
             raise ValueError("precision: int8 runs on the CPU only; set device: cpu")
-        return self
-
-    @model_validator(mode="after")
-    def _no_backscatter(self) -> Config:
-        after_queue = self.smtp.enabled and self.smtp.mode == "after_queue"
-        if after_queue and self.scoring.reject_threshold is not None:
-            raise ValueError(
-                "scoring.reject_threshold: not allowed with smtp.mode after_queue (the MTA "
-                "already accepted the mail, so a reject would bounce to a possibly forged "
-                "sender); use scoring.quarantine_threshold, or smtp.mode before_queue"
-            )
         return self
 
 

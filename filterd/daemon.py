@@ -1,33 +1,32 @@
-"""`filterd serve`: one asyncio process running the sources the config turns on (the SMTP
-proxy, the Maildir watcher) around one loaded model.
+"""`filterd serve`: one asyncio process running the configured sources (`sources:` in the
+config: the SMTP proxy, the Maildir watcher, any installed source plugin) around one loaded
+model. Sources are found through the plugin registry and all get the engine's handler.
 
 SIGHUP, or a new checkpoint file at the configured path, loads the model in a thread while
 mail keeps flowing, then swaps it in between batches; a checkpoint that fails to load (or
 breaks the thresholds) keeps the old model and the log says why. SIGTERM or SIGINT stops
-the sources: they stop accepting, messages in progress get their answer, and the process
-exits 0. Sources log one line per message; the daemon logs starts, reloads and stops.
+the sources: all stop accepting, then messages in progress get their answer (at most
+daemon.stop_timeout_seconds), and the process exits 0. Sources log one line per message;
+the daemon logs starts, reloads and stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 
-from filterd.builtin.maildir_source import MaildirSource
-from filterd.builtin.smtp_proxy import SmtpProxy
+from filterd import plugin_api
 from filterd.config import Config, ConfigError
 from filterd.engine import Engine
 from filterd.model.checkpoint import checkpoint_path
+from filterd.plugin_api import Source
 
 log = logging.getLogger("filterd")
-
-Stop = Callable[[], Awaitable[None]]
 
 
 class Reloader:
@@ -71,46 +70,36 @@ class Reloader:
                 await self.reload("checkpoint file changed")
 
 
-async def _start_sources(engine: Engine, config: Config) -> list[Stop]:
-    """Start each enabled source; the stop functions of those started, in order."""
-    stops: list[Stop] = []
+def load_sources(config: Config) -> list[Source]:
+    """The configured sources, built and validated (errors name their config key)."""
+    return [
+        plugin_api.load("sources", choice, where, config, options_key)
+        for where, choice, options_key in config.source_choices()
+    ]
+
+
+async def _start_sources(engine: Engine, sources: list[Source], timeout: float) -> list[Source]:
+    """Start each source; if one fails, stop those already started."""
+    if not sources:
+        raise ConfigError("sources: none configured: add smtp, maildir or another source")
+    started: list[Source] = []
     try:
-        if config.smtp.enabled:
-            smtp = config.smtp
-            handle = functools.partial(engine.handle, can_reject=smtp.mode == "before_queue")
-            proxy = SmtpProxy(config, handle)
-            try:
-                await proxy.start()
-            except OSError as e:
-                raise ConfigError(f"smtp.host, smtp.port: cannot listen: {e}") from e
-            stops.append(functools.partial(proxy.stop, config.daemon.stop_timeout_seconds))
-            relay = config.relay
-            log.info(
-                "source=smtp listening on %s:%d mode=%s next_hop=%s:%d",
-                smtp.host,
-                proxy.port,
-                smtp.mode,
-                relay.host,
-                relay.port,
-            )
-        if config.maildir.paths:
-            watcher = MaildirSource(engine, config.maildir)
-            await watcher.start()
-            stops.append(watcher.stop)
-            log.info("source=maildir watching %s", ", ".join(map(str, watcher.roots)))
+        for source in sources:
+            await source.start(engine.handle, engine.context)
+            started.append(source)
     except BaseException:
-        await _stop_all(stops)
+        await _stop_all(started, timeout)
         raise
-    if not stops:
-        raise ConfigError("no source enabled: set smtp.enabled or maildir.paths")
-    return stops
+    return started
 
 
-async def _stop_all(stops: list[Stop]) -> None:
-    await asyncio.gather(*(stop() for stop in stops))
+async def _stop_all(sources: list[Source], timeout: float) -> None:
+    """All stop accepting first, so none takes mail while another drains."""
+    await asyncio.gather(*(source.stop_accepting() for source in sources))
+    await asyncio.gather(*(source.drain(timeout) for source in sources))
 
 
-def run(engine: Engine, config: Config, checkpoint: Path) -> int:
+def run(engine: Engine, config: Config, checkpoint: Path, sources: list[Source]) -> int:
     """serve() on uvloop where it is installed (a dependency except on Windows): its event
     loop costs the daemon about 15% less CPU per message than asyncio's own."""
     try:
@@ -118,10 +107,10 @@ def run(engine: Engine, config: Config, checkpoint: Path) -> int:
     except ImportError:
         new_event_loop = None
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(serve(engine, config, checkpoint))
+        return runner.run(serve(engine, config, checkpoint, sources))
 
 
-async def serve(engine: Engine, config: Config, checkpoint: Path) -> int:
+async def serve(engine: Engine, config: Config, checkpoint: Path, sources: list[Source]) -> int:
     """Run until SIGTERM or SIGINT; 0 once every source stopped cleanly."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -137,7 +126,8 @@ async def serve(engine: Engine, config: Config, checkpoint: Path) -> int:
         loop.add_signal_handler(sig, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reloader.reload("SIGHUP")))
     try:
-        stops = await _start_sources(engine, config)
+        timeout = config.daemon.stop_timeout_seconds
+        sources = await _start_sources(engine, sources, timeout)
         if config.daemon.reload_check_seconds:
             spawn(reloader.watch(config.daemon.reload_check_seconds))
         log.info(
@@ -148,7 +138,7 @@ async def serve(engine: Engine, config: Config, checkpoint: Path) -> int:
         )
         await stopping.wait()
         log.info("stopping: finishing messages in progress")
-        await _stop_all(stops)
+        await _stop_all(sources, timeout)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

@@ -26,13 +26,20 @@ from filterd.mail import Mail
 from filterd.model.checkpoint import checkpoint_path
 from filterd.model.classifier import Scorer, load_classifier
 from filterd.model.scoring_process import ProcessClassifier
-from filterd.plugin_api import Action, Check, Decision, Outcome
-from filterd.store.quarantine import Store
+from filterd.plugin_api import Action, Check, Context, Decision, Outcome
 from filterd.verdict import Verdict, action_for
 
 ACTIONS = ("tag", "quarantine", "reject")
 PIPELINE = 2  # micro-batches with the model at once
 INLINE_BYTES = 256 * 1024  # an inline action runs on the event loop up to this size
+
+
+def _actions(config: Config) -> dict[str, Action]:
+    """The action plugins a verdict names, found through the registry."""
+    return {
+        name: plugin_api.load("actions", PluginChoice(name=name), f"actions.{name}", config)
+        for name in ACTIONS
+    }
 
 
 class ScoringTimeout(TimeoutError):
@@ -52,14 +59,14 @@ class Engine:
         self.config = config
         self.tagger = tagger or Tagger(None, config.headers.prefix, config.headers.subject_prefix)
         self.checks = list(checks)
-        self.actions = actions or {}
+        self.actions = _actions(config) if actions is None else actions
+        self.context = Context(config, self.tagger)  # all that actions and sources get
         self._classifier = self._checked(classifier)
         self._executor = ThreadPoolExecutor(PIPELINE, thread_name_prefix="filterd-model")
         self._pending: list[tuple[Mail, asyncio.Future, float]] = []
         self._batcher: asyncio.Task | None = None
         self._scoring: dict[asyncio.Task, Scorer] = {}  # batches with the model, and which
         self._full: asyncio.Event | None = None
-        self._store: Store | None = None
 
     @classmethod
     def from_config(
@@ -76,10 +83,6 @@ class Engine:
             plugin_api.load("checks", choice, f"checks[{i}]", config)
             for i, choice in enumerate(config.checks)
         ]
-        actions = {
-            name: plugin_api.load("actions", PluginChoice(name=name), f"actions.{name}", config)
-            for name in ACTIONS
-        }
         headers = config.headers
         tagger = Tagger(load_secret(headers.secret_path()), headers.prefix, headers.subject_prefix)
         device = config.device
@@ -90,7 +93,7 @@ class Engine:
         load = ProcessClassifier if child_process else load_classifier
         clf = load(path, device, config.limits.text_limits(), config.precision)
         try:
-            return cls(clf, config, tagger, checks, actions)
+            return cls(clf, config, tagger, checks)
         except ConfigError:  # the checkpoint's threshold breaks the configured ones
             clf.close()
             raise
@@ -121,13 +124,6 @@ class Engine:
     def _retire(self, classifier: Scorer) -> None:
         if classifier is not self._classifier and classifier not in self._scoring.values():
             classifier.close()
-
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            q = self.config.quarantine
-            self._store = Store(q.store_path(), q.retention_days)
-        return self._store
 
     # --- deciding ----------------------------------------------------------------------
 
@@ -227,10 +223,12 @@ class Engine:
 
     # --- acting ------------------------------------------------------------------------
 
-    async def handle(self, mail: Mail, tag_only: bool = False, can_reject: bool = True) -> Outcome:
-        """Verdict, then its action (or only tagging); any failure goes to the policy.
-        Where mail was already accepted (`can_reject` False), a reject is quarantined:
-        refusing it then would bounce to a possibly forged sender."""
+    async def handle(
+        self, mail: Mail, *, can_reject: bool = False, tag_only: bool = False
+    ) -> Outcome:
+        """The sources' Handler: verdict, then its action (or only tagging); any failure
+        goes to the policy. Where mail was already accepted (`can_reject` False), a reject
+        is quarantined: refusing it then would bounce to a possibly forged sender."""
         try:
             verdict = await self.verdict(mail)
             name = "tag" if tag_only else verdict.action
@@ -238,24 +236,14 @@ class Engine:
                 name = "quarantine"
             action = self.actions[name]
             if action.inline and len(mail.raw) <= INLINE_BYTES:
-                outcome = action.apply(mail, verdict, self)
+                outcome = action.apply(mail, verdict, self.context)
             else:
-                outcome = await asyncio.to_thread(action.apply, mail, verdict, self)
+                outcome = await asyncio.to_thread(action.apply, mail, verdict, self.context)
             return dataclasses.replace(outcome, verdict=verdict)
         except Exception as e:
-            return self.failure(mail, f"{type(e).__name__}: {e}")
-
-    def failure(self, mail: Mail, why: str) -> Outcome:
-        return failure(mail, why, self.config.scoring.failure_policy, self.tagger)
+            return self.context.failure(mail, f"{type(e).__name__}: {e}")
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         for classifier in {self._classifier, *self._scoring.values()}:
             classifier.close()
-
-
-def failure(mail: Mail, why: str, policy: str, tagger: Tagger) -> Outcome:
-    """fail_open: deliver with one header saying it was not scored; tempfail: retry later."""
-    if policy == "tempfail":
-        return Outcome("tempfail", note=why)
-    return Outcome("deliver", tagger.unscored(mail.raw, why), note=why)

@@ -1,10 +1,10 @@
-"""The built-in actions a verdict names: tag, quarantine, reject."""
+"""The built-in actions a verdict names: tag, quarantine, reject. Each only decides: the
+source that brought the message in places it (relays it, files it, answers the sender)."""
 
 from __future__ import annotations
 
-from filterd.engine import Engine
 from filterd.mail import Mail
-from filterd.plugin_api import Action, Outcome
+from filterd.plugin_api import Action, Context, Outcome
 from filterd.verdict import Verdict
 
 
@@ -13,15 +13,18 @@ class Tag(Action):
 
     inline = True
 
-    def apply(self, mail: Mail, verdict: Verdict, engine: Engine) -> Outcome:
-        return Outcome("deliver", engine.tagger.tag(mail.raw, verdict))
+    def apply(self, mail: Mail, verdict: Verdict, context: Context) -> Outcome:
+        return Outcome("deliver", context.tagger.tag(mail.raw, verdict))
 
 
 class Quarantine(Action):
-    """Hold the original bytes and envelope in the quarantine store; deliver nothing."""
+    """Keep it from its recipients: the source holds it (the quarantine store, or a Maildir's
+    Junk folder with the tagged copy). Tagging only computes, so it runs inline."""
 
-    def apply(self, mail: Mail, verdict: Verdict, engine: Engine) -> Outcome:
-        return Outcome("quarantined", note=engine.store.add(mail, verdict))
+    inline = True
+
+    def apply(self, mail: Mail, verdict: Verdict, context: Context) -> Outcome:
+        return Outcome("quarantine", context.tagger.tag(mail.raw, verdict))
 
 
 class Reject(Action):
@@ -29,5 +32,5 @@ class Reject(Action):
 
     inline = True
 
-    def apply(self, mail: Mail, verdict: Verdict, engine: Engine) -> Outcome:
+    def apply(self, mail: Mail, verdict: Verdict, context: Context) -> Outcome:
         return Outcome("reject", note=verdict.reason or f"spam probability {verdict.probability}")

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field
 from watchdog.events import (
     FileCreatedEvent,
     FileMovedEvent,
@@ -41,14 +42,13 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from filterd.config import ConfigError, Maildir
-from filterd.engine import Engine
+from filterd.config import Config, ConfigError
 from filterd.mail import Mail
-from filterd.model.classifier import MAX_BATCH
+from filterd.plugin_api import Context, Handler, Options, Outcome, Source
 from filterd.store import maildir
 from filterd.verdict import Verdict
 
-log = logging.getLogger("filterd.store.maildir")
+log = logging.getLogger("filterd.maildir")
 
 HELD = ".filterd-held"  # suffix of an original claimed into tmp/ while its successor is placed
 _SIZE_FIELD = re.compile(r",([SW])=[0-9]+")
@@ -122,28 +122,46 @@ class _Events(FileSystemEventHandler):
         self._loop.call_soon_threadsafe(self._submit, Path(os.fsdecode(event.dest_path)))
 
 
-class MaildirSource:
-    """Watches the Maildirs in `settings.paths`. `start()` returns once the backlog in new/
-    is in hand; `stop()` once the messages in hand are settled (the rest wait in new/)."""
+class MaildirOptions(Options):
+    """Maildirs watched: each message arriving in new/ is scored where it lies."""
 
-    def __init__(self, engine: Engine, settings: Maildir):
-        self.engine = engine
-        self.settings = settings
-        self.roots = [p.expanduser() for p in settings.paths]
+    paths: list[Path] = Field(min_length=1)
+    # ".Name": that Maildir++ subfolder of each watched Maildir; an absolute path: one Maildir
+    # for all; "store": the quarantine store.
+    quarantine_folder: str = Field(".Junk", pattern=r"^(store|\.[^./][^/]*|[/~].*)$")
+    rescan_seconds: float = Field(60.0, gt=0)  # tempfailed messages are retried this often
+
+
+class MaildirSource(Source):
+    """Watches the Maildirs in `paths`. `start()` returns once the backlog in new/ is in
+    hand; `drain()` once the messages in hand are settled (the rest wait in new/)."""
+
+    Options = MaildirOptions
+    options: MaildirOptions
+
+    def __init__(self, options: MaildirOptions, config: Config):
+        super().__init__(options, config)
+        self.settings = options
+        self.roots = [p.expanduser() for p in options.paths]
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle_mail: Handler | None = None
+        self._context: Context | None = None
         self._observer: BaseObserver | None = None
         self._rescans: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._busy: set[Path] = set()  # in hand
         self._settled: set[Path] = set()  # in new/ and needing nothing more (pruned on rescan)
-        self._slots = asyncio.Semaphore(2 * MAX_BATCH)  # a large backlog waits here, unread
+        # A large backlog waits here, unread: two micro-batches' worth are in hand at once.
+        self._slots = asyncio.Semaphore(2 * config.scoring.max_batch)
         self._stopping = False
 
-    async def start(self) -> None:
+    async def start(self, handle: Handler, context: Context) -> None:
         """Repair what a crash left, watch every new/, then take what was already waiting."""
+        where = self.where or "maildir"
         for i, root in enumerate(self.roots):
             if not all((root / sub).is_dir() for sub in ("tmp", "new", "cur")):
-                raise ConfigError(f"maildir.paths[{i}]: {root}: not a Maildir (tmp/, new/, cur/)")
+                raise ConfigError(f"{where}.paths[{i}]: {root}: not a Maildir (tmp/, new/, cur/)")
+        self._handle_mail, self._context = handle, context
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._recover)
         observer = Observer()
@@ -156,9 +174,10 @@ class MaildirSource:
         self._observer = observer
         await self._rescan()  # after the watch began, so nothing falls in between
         self._rescans = asyncio.create_task(self._rescan_periodically())
+        log.info("source=%s watching %s", self.name or "maildir", ", ".join(map(str, self.roots)))
 
-    async def stop(self) -> None:
-        """Stop watching and rescanning; finish the messages being scored."""
+    async def stop_accepting(self) -> None:
+        """Stop watching and rescanning; what arrives from now on waits in new/."""
         self._stopping = True
         if self._rescans is not None:
             self._rescans.cancel()
@@ -167,7 +186,11 @@ class MaildirSource:
         if self._observer is not None:
             self._observer.stop()
             await asyncio.to_thread(self._observer.join)
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def drain(self, timeout: float) -> None:
+        """Finish the messages being scored (at most `timeout`; the rest stay in new/)."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout)
 
     # --- finding messages ------------------------------------------------------------------
 
@@ -210,6 +233,7 @@ class MaildirSource:
     async def _handle(self, path: Path) -> None:
         """Score one message and settle it. Whatever fails, the original stays where it is
         and the next rescan tries again."""
+        assert self._handle_mail is not None and self._context is not None
         began = time.monotonic()
         try:
             async with self._slots:
@@ -222,38 +246,27 @@ class MaildirSource:
                     self._settled.add(path)
                     return
                 mail = Mail(found.raw, origin=str(path))
-                verdict: Verdict | None = None
-                unscored = None
-                try:
-                    verdict = await self.engine.verdict(mail)
-                except Exception as e:
-                    outcome = self.engine.failure(mail, f"{type(e).__name__}: {e}")
-                    if outcome.disposition == "tempfail":
-                        log.warning(
-                            "source=maildir file=%s action=tempfail reason=%s (retried in %g s)",
-                            path,
-                            outcome.note,
-                            self.settings.rescan_seconds,
-                        )
-                        return
-                    unscored = outcome.data
-                try:
-                    where = await asyncio.to_thread(self._settle, found, verdict, unscored)
-                except OSError as e:  # e.g. the quarantine's disk full or read-only
-                    if verdict is None or verdict.action == "tag":
-                        raise
-                    why = f"{verdict.action} failed: {type(e).__name__}: {e}"
-                    outcome = self.engine.failure(mail, why)
-                    if outcome.disposition == "tempfail":
-                        log.warning(
-                            "source=maildir file=%s action=tempfail reason=%s (retried in %g s)",
-                            path,
-                            why,
-                            self.settings.rescan_seconds,
-                        )
-                        return
-                    verdict, unscored = None, outcome.data
-                    where = await asyncio.to_thread(self._settle, found, None, unscored)
+                outcome = await self._handle_mail(mail, can_reject=False)
+                where = ""
+                if outcome.disposition != "tempfail":
+                    try:
+                        where = await asyncio.to_thread(self._settle, found, outcome)
+                    except OSError as e:  # e.g. the quarantine's disk full or read-only
+                        if outcome.disposition == "deliver":
+                            raise
+                        why = f"{outcome.disposition} failed: {type(e).__name__}: {e}"
+                        outcome = self._context.failure(mail, why)
+                        if outcome.disposition != "tempfail":
+                            where = await asyncio.to_thread(self._settle, found, outcome)
+                if outcome.disposition == "tempfail":
+                    log.warning(
+                        "source=maildir file=%s action=tempfail reason=%s (retried in %g s)",
+                        path,
+                        outcome.note,
+                        self.settings.rescan_seconds,
+                    )
+                    return
+                verdict = outcome.verdict
                 p = None if verdict is None else verdict.probability
                 log.info(
                     "source=maildir message_id=%s file=%s score=%s action=%s to=%s latency_ms=%.0f",
@@ -284,23 +297,20 @@ class MaildirSource:
             if not stat.S_ISREG(st.st_mode):
                 return None
             raw = f.read()
-        return _Found(path, raw, st, self.engine.tagger.previous(raw) is not None)
+        assert self._context is not None
+        return _Found(path, raw, st, self._context.tagger.previous(raw) is not None)
 
-    def _settle(self, found: _Found, verdict: Verdict | None, unscored: bytes | None) -> str:
-        """Carry out the verdict on disk (in a worker thread); says where the message went.
-        A Maildir cannot refuse delivered mail, so `reject` quarantines too."""
-        if verdict is None:  # fail_open
-            assert unscored is not None
-            data, dest = unscored, found.root
-        else:
-            data = self.engine.tagger.tag(found.raw, verdict)
-            dest = found.root
-            if verdict.action != "tag":
-                folder = self._quarantine_folder(found.root)
-                if folder is None:
-                    return self._to_store(found, data, verdict)
-                _ensure_folder(folder, found.root)
-                dest = folder
+    def _settle(self, found: _Found, outcome: Outcome) -> str:
+        """Carry out the outcome on disk (in a worker thread); says where the message went.
+        A Maildir cannot refuse delivered mail, so a `reject` is quarantined too."""
+        data = found.raw if outcome.data is None else outcome.data
+        dest = found.root
+        if outcome.disposition in ("quarantine", "reject"):
+            folder = self._quarantine_folder(found.root)
+            if folder is None:
+                return self._to_store(found, data, outcome.verdict)
+            _ensure_folder(folder, found.root)
+            dest = folder
         target = self._replace(found, data, dest)
         return "gone (moved or removed meanwhile, left there)" if target is None else str(target)
 
@@ -349,10 +359,11 @@ class MaildirSource:
             os.link(tmp, target)
         return target
 
-    def _to_store(self, found: _Found, data: bytes, verdict: Verdict) -> str:
+    def _to_store(self, found: _Found, data: bytes, verdict: Verdict | None) -> str:
         """Hold the tagged copy in the quarantine store, then remove the original; undone if
         a mail client took the original meanwhile."""
-        store = self.engine.store
+        assert self._context is not None
+        store = self._context.store
         qid = store.add(Mail(data, origin=str(found.path)), verdict)
         try:
             found.path.unlink()

@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from pydantic import Field
 
-from filterd.config import Config
+from filterd.config import Config, ConfigError
 from filterd.mail import Mail
-from filterd.plugin_api import Handler, Outcome
+from filterd.plugin_api import Context, Handler, Options, Outcome, Source
 
 log = logging.getLogger("filterd.smtp")
 
@@ -48,6 +50,20 @@ NOT_SCORED = "451 4.3.0 Message not scored, try again later"
 REJECTED = "550 5.7.1 Message refused as spam"
 SHUTTING_DOWN = b"421 4.3.2 filterd shutting down, try again later\r\n"
 TOO_MANY = b"421 4.7.0 Too many connections, try again later\r\n"
+
+
+class SmtpOptions(Options):
+    """The SMTP proxy in front of the next hop (the config's `relay`)."""
+
+    # after_queue: Postfix content_filter (reject not allowed: it would cause backscatter);
+    # before_queue: smtpd_proxy_filter (reject answers 550 5.7.1 to the sending client).
+    mode: Literal["after_queue", "before_queue"] = "after_queue"
+    host: str = "127.0.0.1"  # loopback: the MTA on this machine is the only client
+    port: int = Field(10025, ge=0, le=65535)  # 0: any free port (tests)
+    max_message_bytes: int = Field(52_428_800, ge=1024)  # advertised as SIZE; larger: 552
+    max_connections: int = Field(100, ge=1)  # more: 421 at connect
+    max_queue: int = Field(64, ge=1)  # messages being scored or relayed at once; more: 451
+    timeout_seconds: float = Field(300.0, gt=0)  # an idle client is disconnected
 
 
 class NextHopError(OSError):
@@ -266,14 +282,23 @@ def _address(address: str) -> str:
     return "" if address == "<>" else address  # aiosmtpd's null sender
 
 
-class SmtpProxy:
-    """The listening side: the server socket, the limits, and a drain on stop. `handle`
-    turns a Mail into an Outcome (the engine's verdict and action)."""
+class SmtpProxy(Source):
+    """The listening side: the server socket, the limits, and a drain on stop. Each
+    message goes to the handler (checks, model, action) and the client is answered with
+    what the next hop (or the quarantine) made of the outcome."""
 
-    def __init__(self, config: Config, handle: Handler):
-        self.config = config
-        self.settings = config.smtp
-        self.handle = handle
+    Options = SmtpOptions
+    options: SmtpOptions
+
+    def __init__(self, options: SmtpOptions, config: Config):
+        super().__init__(options, config)
+        if options.mode == "after_queue" and config.scoring.reject_threshold is not None:
+            raise ConfigError(
+                "scoring.reject_threshold: not allowed with the smtp source's mode after_queue "
+                "(the MTA already accepted the mail, so a reject would bounce to a possibly "
+                "forged sender); use scoring.quarantine_threshold, or mode before_queue"
+            )
+        self.settings = options
         self.hostname = socket.gethostname()  # not getfqdn(): no DNS lookup per start
         self.connections: set[_Connection] = set()
         self.in_flight = 0  # messages being scored or relayed: the bounded queue
@@ -281,14 +306,31 @@ class SmtpProxy:
         self._idle = asyncio.Event()
         self._idle.set()
         self._server: asyncio.Server | None = None
+        self._handle: Handler | None = None
+        self._context: Context | None = None
         self.port = 0  # once started: the port listened on (chosen by the system for port 0)
 
-    async def start(self) -> None:
+    async def start(self, handle: Handler, context: Context) -> None:
+        self._handle, self._context = handle, context
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._connection, self.settings.host, self.settings.port
-        )
+        try:
+            self._server = await loop.create_server(
+                self._connection, self.settings.host, self.settings.port
+            )
+        except OSError as e:
+            where = self.where or "smtp"
+            raise ConfigError(f"{where}.host, {where}.port: cannot listen: {e}") from e
         self.port = self._server.sockets[0].getsockname()[1]
+        relay = self.config.relay
+        log.info(
+            "source=%s listening on %s:%d mode=%s next_hop=%s:%d",
+            self.name or "smtp",
+            self.settings.host,
+            self.port,
+            self.settings.mode,
+            relay.host,
+            relay.port,
+        )
 
     def _connection(self) -> _Connection:
         return _Connection(
@@ -300,12 +342,15 @@ class SmtpProxy:
             timeout=self.settings.timeout_seconds,
         )
 
-    async def stop(self, timeout: float) -> None:
-        """Stop accepting; wait (at most `timeout`) for messages being scored or relayed to
-        get their answer; then say 421 to every client still connected."""
+    async def stop_accepting(self) -> None:
+        """Close the listening socket; new commands on open connections get 451 (busy)."""
         self.stopping = True
         if self._server is not None:
             self._server.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most `timeout`) for messages being scored or relayed to get their
+        answer; then say 421 to every client still connected."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -402,7 +447,10 @@ class SmtpProxy:
             tuple(envelope.rcpt_tos),
             origin=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
         )
-        outcome = await self.handle(mail)
+        assert self._handle is not None and self._context is not None
+        outcome = await self._handle(mail, can_reject=self.settings.mode == "before_queue")
+        if outcome.disposition == "quarantine":
+            outcome = await self._hold(mail, outcome, self._context)
         answer = await self._answer(server, hop, outcome)
         verdict = outcome.verdict
         p = None if verdict is None else verdict.probability
@@ -421,9 +469,19 @@ class SmtpProxy:
         )
         return answer
 
+    @staticmethod
+    async def _hold(mail: Mail, outcome: Outcome, context: Context) -> Outcome:
+        """The original, with its envelope, into the quarantine store; a store that fails
+        (disk full, read-only) hands the message to the failure policy."""
+        try:
+            qid = await asyncio.to_thread(context.store.add, mail, outcome.verdict)
+        except OSError as e:
+            return context.failure(mail, f"quarantine failed: {type(e).__name__}: {e}")
+        return dataclasses.replace(outcome, note=qid)
+
     async def _answer(self, server: _Connection, hop: NextHop, outcome: Outcome) -> str:
         """The client's answer to DATA: given once the next hop or the quarantine has it."""
-        if outcome.disposition == "quarantined":
+        if outcome.disposition == "quarantine":
             return "250 2.0.0 Ok: held"
         if outcome.disposition == "reject":
             return REJECTED

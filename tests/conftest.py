@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from filterd.model.gpt2 import GPT2Classifier, architecture
+from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SMS_FILE = SHARED / "datasets" / "sms-spam-collection" / "SMSSpamCollection"
@@ -25,4 +25,4 @@ def sms_lines() -> list[tuple[str, str]]:
 @pytest.fixture
 def tiny_model() -> GPT2Classifier:
     torch.manual_seed(0)
-    return GPT2Classifier(architecture("gpt2-tiny")).eval()
+    return GPT2Classifier(ARCHITECTURES["gpt2-tiny"]).eval()

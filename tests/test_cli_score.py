@@ -197,7 +197,6 @@ def test_trained_checkpoint_scores_its_test_split_as_metrics_say(
     """filterd-train on a SpamAssassin-layout corpus, then `filterd score --json` over its
     test split: the verdicts agree with what metrics.json reports."""
     from filterd.trainer import cli as train_cli
-
     from tests.conftest import SPAMASSASSIN
 
     corpus = tmp_path / "corpus"

@@ -117,7 +117,7 @@ def settings(tmp_path, port: int, **extra) -> dict:
         "headers": {"secret_file": str(tmp_path / "secret")},
         "quarantine": {"path": str(tmp_path / "quarantine")},
         "relay": {"port": port},
-        "smtp": {"enabled": True, "port": 0},
+        "sources": [{"name": "smtp", "options": {"port": 0}}],
     } | extra
 
 
@@ -213,7 +213,7 @@ def test_sigterm_finishes_messages_in_flight_and_loses_none(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"smtp": {"enabled": False}}, "no source enabled"),
+        ({"sources": []}, "sources: none configured"),
         ({"scoring": {"reject_threshold": 0.9}}, "scoring.reject_threshold"),
     ],
 )

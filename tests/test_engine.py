@@ -11,7 +11,7 @@ from filterd.headers import Tagger
 from filterd.mail import Mail
 from filterd.model.checkpoint import CheckpointMeta, save_checkpoint
 from filterd.model.classifier import load_classifier
-from filterd.model.gpt2 import GPT2Classifier, architecture
+from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier
 from filterd.plugin_api import Action, Options, Outcome
 
 HAM = b"Subject: lunch\n\nSee you at noon.\n"
@@ -20,7 +20,7 @@ HAM = b"Subject: lunch\n\nSee you at noon.\n"
 def make_checkpoint(path, logit: float, threshold: float = 0.5):
     """A gpt2-tiny checkpoint whose every message scores sigmoid(logit)."""
     torch.manual_seed(0)
-    model = GPT2Classifier(architecture("gpt2-tiny")).eval()
+    model = GPT2Classifier(ARCHITECTURES["gpt2-tiny"]).eval()
     with torch.no_grad():
         model.score.weight.zero_()
         model.score.bias.copy_(torch.tensor([0.0, logit]))

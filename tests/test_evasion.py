@@ -1,6 +1,6 @@
 """Evasion: the tricks spammers use to hide a payload from a filter. Each test shows that
-the text the model sees, and the tokens it is given (`encode(text, 256)`, head and tail),
-still hold the payload.
+the text the model sees, and the tokens it is given (head and tail of 256), still hold the
+payload.
 
 Homoglyphs: NFKC folds fullwidth and mathematical letters but not Cyrillic, Greek, Armenian,
 Lisu or Cherokee look-alikes, so `normalize_text` folds those onto Latin inside any word
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from filterd.model.tokenizer import encode, gpt2_encoding
+from filterd.model.tokenizer import gpt2_encoding, gpt2_tokenizer
 from filterd.text import TEXT_VERSION, message_text, normalize_text
 from filterd.text.plain import _CONFUSABLE_FROM as LOOKALIKES
 from filterd.text.plain import _CONFUSABLE_TO as LATIN
@@ -37,7 +37,7 @@ def mail(headers: list[str], body: bytes | str) -> bytes:
 def seen(raw: bytes) -> tuple[str, str]:
     """What the model reads: the extracted text, and its tokens decoded back to text."""
     text = message_text(raw)
-    return text, gpt2_encoding().decode(encode(text, MAX_TOKENS))
+    return text, gpt2_encoding().decode(gpt2_tokenizer().encode(text, MAX_TOKENS))
 
 
 def assert_payload_seen(raw: bytes, payload: str = PAYLOAD) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import logging
 import os
 import re
@@ -25,8 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from filterd.builtin.maildir_source import MaildirSource
 
+from filterd.builtin.maildir_source import MaildirSource
 from filterd.daemon import Reloader
 from filterd.engine import Engine
 from filterd.model.checkpoint import checkpoint_path
@@ -237,7 +236,9 @@ def test_smtp_quarantine_write_failing_is_never_acknowledged_as_held(
     if policy == "fail_open":
         assert answer == 250
         (data,) = hop.delivered
-        assert data.startswith(b"X-Spam-Status: Unscored, reason=OSError: [Errno %d]" % code)
+        assert data.startswith(
+            b"X-Spam-Status: Unscored, reason=quarantine failed: OSError: [Errno %d]" % code
+        )
         assert hop.has(raw) == 1
     else:
         assert answer == 451 and hop.delivered == []  # the sender keeps it and retries
@@ -258,7 +259,7 @@ def test_maildir_quarantine_write_failing_follows_the_failure_policy(
         {"quarantine_threshold": 0.8, "failure_policy": policy},
         quarantine_folder=folder,
     )
-    qroot = src.engine.store.root if folder == "store" else md / folder
+    qroot = src.engine.context.store.root if folder == "store" else md / folder
     fail_writes_under(monkeypatch, qroot, code)
     name = "1700000009.M9P9.host"
 
@@ -278,7 +279,7 @@ def test_maildir_quarantine_write_failing_follows_the_failure_policy(
 
     asyncio.run(run())
     held = (
-        [src.engine.store.read(e.id) for e in src.engine.store.list()]
+        [src.engine.context.store.read(e.id) for e in src.engine.context.store.list()]
         if folder == "store"
         else [p.read_bytes() for p in md.glob(f"{folder}/new/*")]
     )
@@ -360,7 +361,7 @@ def test_corrupt_checkpoint_on_reload_keeps_the_old_model_serving(
 
     answers = {}
     try:
-        with proxy_running(config, functools.partial(engine.handle, can_reject=False)) as proxy:
+        with proxy_running(config, engine.handle, engine.context) as proxy:
             corrupt(checkpoint_path(config.checkpoint), how)
             asyncio.run(reload("keeping the old model"))
             assert engine.classifier is old

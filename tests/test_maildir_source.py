@@ -7,9 +7,10 @@ import os
 import time
 
 import pytest
-from filterd.builtin.maildir_source import HELD, MaildirSource, successor_name
 
+from filterd.builtin.maildir_source import HELD, MaildirSource, successor_name
 from filterd.config import Config, ConfigError
+from filterd.daemon import load_sources
 from filterd.engine import Engine
 from filterd.headers import Tagger
 from filterd.model.classifier import load_classifier
@@ -53,15 +54,40 @@ def spam(tmp_path_factory):
     return load_classifier(make_checkpoint(tmp_path_factory.mktemp("spam"), 2.0))  # p=0.8808
 
 
-def source(tmp_path, clf, scoring=None, **settings) -> MaildirSource:
+class Running:
+    """A Maildir source with the engine behind its handler, started and stopped the way the
+    daemon does it."""
+
+    def __init__(self, source: MaildirSource, engine: Engine):
+        self.source, self.engine = source, engine
+
+    async def start(self) -> None:
+        await self.source.start(self.engine.handle, self.engine.context)
+
+    async def stop(self) -> None:
+        await self.source.stop_accepting()
+        await self.source.drain(30)
+
+
+def source(tmp_path, clf, scoring=None, actions=None, **settings) -> Running:
     config = Config.model_validate(
         {
             "scoring": scoring or {},
             "quarantine": {"path": str(tmp_path / "store")},
-            "maildir": {"paths": [str(tmp_path / "Maildir")], "rescan_seconds": 0.1, **settings},
+            "sources": [
+                {
+                    "name": "maildir",
+                    "options": {
+                        "paths": [str(tmp_path / "Maildir")],
+                        "rescan_seconds": 0.1,
+                        **settings,
+                    },
+                }
+            ],
         }
     )
-    return MaildirSource(Engine(Counted(clf), config, Tagger(KEY)), config.maildir)
+    (maildir_source,) = load_sources(config)
+    return Running(maildir_source, Engine(Counted(clf), config, Tagger(KEY), actions=actions))
 
 
 def files(folder):
@@ -154,8 +180,8 @@ def test_quarantine_moves_the_tagged_message(tmp_path, spam, folder):
     asyncio.run(main())
     assert files(md / "new") == files(md / "tmp") == files(md / "cur") == []
     if folder == "store":
-        (entry,) = src.engine.store.list()
-        data = src.engine.store.read(entry.id)
+        (entry,) = src.engine.context.store.list()
+        data = src.engine.context.store.read(entry.id)
         assert entry.probability == pytest.approx(0.8808, abs=1e-4)
     else:
         junk = md / ".Junk"
@@ -189,7 +215,7 @@ def test_message_taken_meanwhile_is_left_where_it_went(
         return write_temp(*args, like=like, **kwargs)
 
     monkeypatch.setattr(maildir, "write_temp", client_acts_first)
-    caplog.set_level(logging.INFO, "filterd.store.maildir")
+    caplog.set_level(logging.INFO, "filterd.maildir")
     clf, scoring = (spam, {"quarantine_threshold": 0.8}) if folder == ".Junk" else (ham, {})
     src = source(tmp_path, clf, scoring)
 
@@ -269,9 +295,10 @@ def test_start_puts_back_what_a_crash_left_held(tmp_path, ham):
 
 
 def test_settings_are_checked(tmp_path, ham):
-    for bad in ("Junk", "..", "./x", ".a/b"):
-        with pytest.raises(ValueError, match="quarantine_folder"):
-            Config.model_validate({"maildir": {"quarantine_folder": bad}})
+    for bad in ("Junk", "..", "./x", ".a/b"):  # an older config's section names itself
+        legacy = Config.model_validate({"maildir": {"paths": ["/x"], "quarantine_folder": bad}})
+        with pytest.raises(ConfigError, match=r"^maildir\.quarantine_folder: String should"):
+            load_sources(legacy)
     (tmp_path / "Maildir").mkdir()
-    with pytest.raises(ConfigError, match=r"maildir\.paths\[0\]: .*not a Maildir"):
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.options\.paths\[0\]: .*not a Maildir"):
         asyncio.run(source(tmp_path, ham).start())

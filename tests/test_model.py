@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier, GPTConfig, architecture, pad_batch
-from filterd.model.tokenizer import ENDOFTEXT, encode, gpt2_encoding
+from filterd.model.batching import pad_batch
+from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier, GPTConfig
+from filterd.model.registry import architecture
+from filterd.model.tokenizer import ENDOFTEXT, gpt2_encoding, gpt2_tokenizer
 
 
 def test_tokenizer_offline_matches_gpt2():
@@ -13,9 +15,9 @@ def test_tokenizer_offline_matches_gpt2():
 
 
 def test_encode_keeps_head_and_tail_and_is_never_empty():
-    assert encode("", 16) == [ENDOFTEXT]
+    assert gpt2_tokenizer().encode("", 16) == [ENDOFTEXT]
     text = "harmless words " * 500 + "BUY CHEAP PILLS NOW"
-    tokens = encode(text, 64)
+    tokens = gpt2_tokenizer().encode(text, 64)
     assert len(tokens) == 64
     decoded = gpt2_encoding().decode(tokens)
     assert decoded.startswith("harmless words")
@@ -23,13 +25,13 @@ def test_encode_keeps_head_and_tail_and_is_never_empty():
 
 
 def test_encode_bounds_huge_inputs():
-    tokens = encode("x" * 5_000_000 + " payload", 32)
+    tokens = gpt2_tokenizer().encode("x" * 5_000_000 + " payload", 32)
     assert len(tokens) == 32
     assert gpt2_encoding().decode(tokens).endswith(" payload")
 
 
 def test_named_architectures():
-    gpt2 = GPT2Classifier(architecture("gpt2"))
+    gpt2 = GPT2Classifier(ARCHITECTURES["gpt2"])
     body = sum(p.numel() for n, p in gpt2.named_parameters() if not n.startswith("score."))
     assert body == 124_439_808  # the published GPT-2 small, without its tied LM head
     assert gpt2.score.out_features == 2
@@ -45,9 +47,9 @@ def test_named_architectures():
 @pytest.mark.parametrize("arch", ["gpt2-tiny", "gpt2-mini"])
 def test_message_scores_the_same_alone_and_in_any_padded_batch(arch, sms_lines):
     torch.manual_seed(1)
-    model = GPT2Classifier(architecture(arch)).eval()
+    model = GPT2Classifier(ARCHITECTURES[arch]).eval()
     texts = [t for _, t in sms_lines[:12]]
-    tokens = [encode(t, 128) for t in texts]
+    tokens = [gpt2_tokenizer().encode(t, 128) for t in texts]
     assert len({len(t) for t in tokens}) > 3  # lengths really differ
     with torch.no_grad():
         alone = torch.cat([model(*pad_batch([t], ENDOFTEXT)) for t in tokens])
@@ -73,8 +75,8 @@ def test_too_long_sequence_is_a_clear_error(tiny_model):
 @pytest.mark.parametrize("arch", ["gpt2-tiny", "gpt2-mini"])
 def test_last_token_shortcut_matches_the_full_last_block(arch, sms_lines):
     torch.manual_seed(2)
-    model = GPT2Classifier(architecture(arch)).eval()
-    tokens = [encode(t, 128) for _, t in sms_lines[20:30]]
+    model = GPT2Classifier(ARCHITECTURES[arch]).eval()
+    tokens = [gpt2_tokenizer().encode(t, 128) for _, t in sms_lines[20:30]]
     ids, lengths = pad_batch(tokens, ENDOFTEXT)
     with torch.no_grad():
         full = model.hidden_states(ids)[torch.arange(len(tokens)), lengths - 1]

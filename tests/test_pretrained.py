@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from filterd.model import pretrained
-from filterd.model.gpt2 import pad_batch
+from filterd.model.batching import pad_batch
 from filterd.model.pretrained import PretrainedError, load_pretrained, read_weights
-from filterd.model.tokenizer import ENDOFTEXT, encode
+from filterd.model.tokenizer import ENDOFTEXT, gpt2_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,7 +34,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def batch(sms_lines):
-    tokens = [encode(text, 100) for _, text in sms_lines[:8]]
+    tokens = [gpt2_tokenizer().encode(text, 100) for _, text in sms_lines[:8]]
     return pad_batch(tokens, ENDOFTEXT)[0]
 
 

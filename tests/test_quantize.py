@@ -7,17 +7,18 @@ import torch
 from torch import nn
 
 from filterd.config import Config, ConfigError, load_config
+from filterd.model.batching import pad_batch
 from filterd.model.checkpoint import CheckpointMeta, save_checkpoint
 from filterd.model.classifier import Classifier, load_classifier
-from filterd.model.gpt2 import GPT2Classifier, architecture, pad_batch
+from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier
 from filterd.model.quantize import Int8Linear, quantize_int8
-from filterd.model.tokenizer import ENDOFTEXT, encode
+from filterd.model.tokenizer import ENDOFTEXT, gpt2_tokenizer
 from tests.test_cli_score import run, write_config
 
 
 def mini_model(seed: int = 3) -> GPT2Classifier:
     torch.manual_seed(seed)
-    model = GPT2Classifier(architecture("gpt2-mini")).eval()
+    model = GPT2Classifier(ARCHITECTURES["gpt2-mini"]).eval()
     with torch.no_grad():  # a head with real spread, so probabilities are not all 0.5
         model.score.weight.mul_(5)
     return model
@@ -38,7 +39,7 @@ def test_int8_linear_is_close_to_float_and_rows_are_slices():
 
 def test_int8_scores_track_float32(sms_lines):
     texts = [t for _, t in sms_lines[:40]]
-    meta = CheckpointMeta(arch="gpt2-mini", config=architecture("gpt2-mini").to_dict())
+    meta = CheckpointMeta(arch="gpt2-mini", config=ARCHITECTURES["gpt2-mini"].to_dict())
     fp32 = torch.logit(torch.tensor(Classifier(mini_model(), meta).score_texts(texts)))
     int8 = torch.logit(
         torch.tensor(Classifier(mini_model(), meta, precision="int8").score_texts(texts))
@@ -50,9 +51,9 @@ def test_int8_scores_track_float32(sms_lines):
 
 
 def test_int8_message_scores_the_same_alone_and_in_any_batch(sms_lines):
-    meta = CheckpointMeta(arch="gpt2-mini", config=architecture("gpt2-mini").to_dict())
+    meta = CheckpointMeta(arch="gpt2-mini", config=ARCHITECTURES["gpt2-mini"].to_dict())
     clf = Classifier(mini_model(), meta, precision="int8")
-    tokens = [encode(t, 128) for _, t in sms_lines[:12]]
+    tokens = [gpt2_tokenizer().encode(t, 128) for _, t in sms_lines[:12]]
     alone = [clf.score_tokens([t])[0] for t in tokens]
     assert clf.score_tokens(tokens) == alone
     assert clf.score_tokens(tokens[::-1]) == alone[::-1]
@@ -61,7 +62,7 @@ def test_int8_message_scores_the_same_alone_and_in_any_batch(sms_lines):
 def test_padded_batches_would_make_int8_scores_depend_on_batch_mates(sms_lines):
     """Why Classifier runs int8 one message at a time: the activation scale is per tensor."""
     model = quantize_int8(mini_model())
-    tokens = [encode(t, 128) for _, t in sms_lines[:12]]
+    tokens = [gpt2_tokenizer().encode(t, 128) for _, t in sms_lines[:12]]
     with torch.inference_mode():
         alone = torch.cat([model(*pad_batch([t], ENDOFTEXT)) for t in tokens])
         batched = model(*pad_batch(tokens, ENDOFTEXT))

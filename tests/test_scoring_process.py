@@ -18,7 +18,7 @@ from filterd.engine import Engine
 from filterd.mail import Mail
 from filterd.model.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
 from filterd.model.classifier import load_classifier
-from filterd.model.gpt2 import GPT2Classifier, architecture
+from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier
 from filterd.model.scoring_process import ProcessClassifier, ScoringProcessError
 from tests.test_checkpoint import flip_byte
 
@@ -32,7 +32,7 @@ MESSAGES = [
 def random_checkpoint(folder, seed: int):
     """gpt2-tiny with a head whose scores differ from message to message."""
     torch.manual_seed(seed)
-    model = GPT2Classifier(architecture("gpt2-tiny")).eval()
+    model = GPT2Classifier(ARCHITECTURES["gpt2-tiny"]).eval()
     with torch.no_grad():
         model.score.weight.mul_(50)
     meta = CheckpointMeta(arch="gpt2-tiny", config=model.config.to_dict(), threshold=0.4)

@@ -21,7 +21,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as save_tensors
 
-import filterd.model.checkpoint as checkpoint_module
 from filterd.cli import main
 from filterd.config import ConfigError, load_config
 from filterd.engine import Engine
@@ -29,7 +28,7 @@ from filterd.headers import Tagger
 from filterd.mail import Mail
 from filterd.model.checkpoint import CheckpointError, CheckpointMeta, is_checkpoint, load_checkpoint
 from filterd.model.classifier import load_classifier
-from filterd.model.gpt2 import GPT2Classifier, architecture
+from filterd.model.gpt2 import ARCHITECTURES, GPT2, GPT2Classifier
 from filterd.model.pretrained import PretrainedError, load_pretrained
 from filterd.store.quarantine import QuarantineError, Store
 from filterd.verdict import Verdict
@@ -73,14 +72,14 @@ class Payload:
 @pytest.fixture(scope="module")
 def tensors() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    model = GPT2Classifier(architecture("gpt2-tiny"))
+    model = GPT2Classifier(ARCHITECTURES["gpt2-tiny"])
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
 def forge(path: Path, tensors: dict, changes: dict | None = None, raw_meta: str | None = None):
     """A checkpoint whose sha256 is right (so loading reaches the metadata checks) but whose
     metadata says what an attacker wants."""
-    meta = asdict(CheckpointMeta(arch="gpt2-tiny", config=architecture("gpt2-tiny").to_dict()))
+    meta = asdict(CheckpointMeta(arch="gpt2-tiny", config=ARCHITECTURES["gpt2-tiny"].to_dict()))
     meta.update(changes or {})
     plain = save_tensors(tensors, metadata={})
     digest = hashlib.sha256(plain[8 + struct.unpack("<Q", plain[:8])[0] :]).hexdigest()
@@ -92,10 +91,12 @@ def raw_header(path: Path, header: bytes) -> None:
     path.write_bytes(struct.pack("<Q", len(header)) + header)
 
 
-TINY = architecture("gpt2-tiny").to_dict()
+TINY = ARCHITECTURES["gpt2-tiny"].to_dict()
 FORGED_METADATA = {
     "huge-architecture": ({"config": {**TINY, "n_layer": 10_000, "n_embd": 8192}}, "match"),
     "config-not-a-mapping": ({"config": [1, 2]}, "bad architecture"),
+    "family-unknown": ({"family": "llama"}, "unknown model family"),
+    "family-not-a-name": ({"family": ["gpt2"]}, "bad architecture"),
     "config-unknown-field": ({"config": {**TINY, "__class__": "os.system"}}, "bad architecture"),
     "config-wrong-type": ({"config": {**TINY, "layer_norm_epsilon": "x"}}, "bad architecture"),
     "threshold-list": ({"threshold": [0.5]}, "not a probability"),
@@ -129,15 +130,15 @@ def test_forged_metadata_is_refused_before_building_anything(tmp_path, tensors, 
     path = tmp_path / "model.safetensors"
     forge(path, tensors, changes)
     built: list = []
-    real = checkpoint_module.GPT2Classifier
+    real = GPT2.build
 
-    def guarded(config):
+    def guarded(self, config):
         built.append(config)
         if config.n_layer > 64:  # the unfixed loader would allocate ~13 GB here
             raise MemoryError("test guard: a huge model would have been built")
-        return real(config)
+        return real(self, config)
 
-    monkeypatch.setattr(checkpoint_module, "GPT2Classifier", guarded)
+    monkeypatch.setattr(GPT2, "build", guarded)
     start = time.perf_counter()
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(path)

@@ -18,8 +18,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from filterd.builtin.smtp_proxy import SmtpProxy
 
+from filterd.builtin.smtp_proxy import SmtpProxy
 from tests.test_smtp_proxy import make_config, proxy_running
 
 HAM = b"Subject: hello\r\nFrom: Ann <ann@example.org>\r\n\r\nSee you at noon.\r\n"

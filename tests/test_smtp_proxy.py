@@ -2,7 +2,6 @@
 
 import asyncio
 import contextlib
-import functools
 import smtplib
 import socket
 import threading
@@ -11,11 +10,13 @@ import time
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
-from filterd.builtin.smtp_proxy import DSN_PARAMS, SmtpProxy, dot_stuffed
 
+from filterd.builtin.smtp_proxy import DSN_PARAMS, SmtpOptions, SmtpProxy, dot_stuffed
 from filterd.config import Config, ConfigError, load_config
+from filterd.daemon import load_sources
 from filterd.engine import Engine
-from filterd.plugin_api import Outcome
+from filterd.headers import Tagger
+from filterd.plugin_api import Context, Outcome
 from filterd.store.quarantine import Store
 from tests.test_engine import make_checkpoint
 
@@ -122,22 +123,31 @@ async def _cancel_the_rest() -> None:
         task.cancel()
 
 
+def smtp_source(config: Config) -> SmtpProxy:
+    """The config's smtp source, built through the plugin registry as the daemon builds it."""
+    (proxy,) = [source for source in load_sources(config) if source.name == "smtp"]
+    return proxy
+
+
 @contextlib.contextmanager
-def proxy_running(config: Config, handle=None):
-    """The proxy on its own event loop thread, as the daemon runs it; yields it."""
+def proxy_running(config: Config, handle=None, context=None):
+    """The proxy on its own event loop thread, started and stopped as the daemon does it;
+    yields it. Without a handle, a real engine from the config scores."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     engine = None
     if handle is None:
         engine = Engine.from_config(config)
-        handle = functools.partial(engine.handle, can_reject=config.smtp.mode == "before_queue")
-    proxy = SmtpProxy(config, handle)
-    asyncio.run_coroutine_threadsafe(proxy.start(), loop).result(5)
+        handle, context = engine.handle, engine.context
+    proxy = smtp_source(config)
+    context = context or Context(config, Tagger(None, config.headers.prefix))
+    asyncio.run_coroutine_threadsafe(proxy.start(handle, context), loop).result(5)
     try:
         yield proxy
     finally:
-        asyncio.run_coroutine_threadsafe(proxy.stop(5), loop).result(10)
+        asyncio.run_coroutine_threadsafe(proxy.stop_accepting(), loop).result(10)
+        asyncio.run_coroutine_threadsafe(proxy.drain(5), loop).result(10)
         asyncio.run_coroutine_threadsafe(_cancel_the_rest(), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
@@ -181,7 +191,7 @@ def test_dot_stuffing_is_the_wire_form():
     ],
 )
 def test_paths_parse_as_aiosmtpd_parses_them(arg):
-    plain, fast = SMTP(None), SmtpProxy(Config(), None)._connection()
+    plain, fast = SMTP(None), SmtpProxy(SmtpOptions(), Config())._connection()
     plain.local_part_limit = fast.local_part_limit = 64
     assert fast._getaddr(arg) == plain._getaddr(arg)
 
@@ -261,7 +271,7 @@ def test_after_queue_refuses_reject_in_config_and_quarantines_a_check_reject(tmp
     path = tmp_path / "config.yaml"
     path.write_text("smtp: {enabled: true}\nscoring: {reject_threshold: 0.9}\n")
     with pytest.raises(ConfigError, match=r"scoring.reject_threshold.*after_queue.*quarantine"):
-        load_config(path)
+        load_sources(load_config(path))
     config = make_config(
         tmp_path,
         sink.port,
@@ -336,7 +346,7 @@ def test_overload_answers_451_and_too_many_connections_421(tmp_path, sink):
     config = make_config(tmp_path, sink.port, smtp={"max_queue": 1, "max_connections": 2})
     release = threading.Event()
 
-    async def slow(mail):  # holds the one queue place until released
+    async def slow(mail, **_):  # holds the one queue place until released
         await asyncio.to_thread(release.wait, 10)
         return Outcome("deliver", mail.raw)
 
@@ -363,7 +373,7 @@ def test_stop_lets_messages_in_progress_finish(tmp_path, sink):
     config = make_config(tmp_path, sink.port)
     started = threading.Event()
 
-    async def slow(mail):
+    async def slow(mail, **_):
         started.set()
         await asyncio.sleep(0.5)
         return Outcome("deliver", mail.raw)

@@ -2,22 +2,24 @@ import json
 
 import pytest
 import torch
-from filterd.trainer import cli
-from filterd.trainer.metrics import binary_metrics, choose_threshold, roc_auc
-from filterd.trainer.train import Settings, set_trainable, train
 
 import filterd
 from filterd.model.checkpoint import CheckpointError
-from filterd.model.gpt2 import GPT2Classifier, architecture
-from filterd.model.tokenizer import encode
+from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier
+from filterd.model.tokenizer import ENDOFTEXT, gpt2_tokenizer
 from filterd.text import TEXT_VERSION
+from filterd.trainer import cli
+from filterd.trainer.metrics import binary_metrics, choose_threshold, roc_auc
+from filterd.trainer.train import Settings, set_trainable, train
 from tests.conftest import SMS_FILE
 from tests.test_checkpoint import _rewrite_meta
 
 
 def _tokens(sms_lines, n):
     rows = sms_lines[:n]
-    return [encode(t, 64) for _, t in rows], [int(label == "spam") for label, _ in rows]
+    return [gpt2_tokenizer().encode(t, 64) for _, t in rows], [
+        int(label == "spam") for label, _ in rows
+    ]
 
 
 @pytest.mark.parametrize("arch", ["gpt2-tiny", "gpt2-mini"])
@@ -26,9 +28,11 @@ def test_cached_frozen_blocks_give_the_same_losses_as_recomputing(arch, sms_line
     losses = []
     for cache in (True, False):
         torch.manual_seed(0)
-        model = GPT2Classifier(architecture(arch))
+        model = GPT2Classifier(ARCHITECTURES[arch])
         settings = Settings(epochs=2, trainable=1, cache_frozen=cache, lr=1e-3)
-        history = train(model, tokens, labels, tokens[:8], labels[:8], settings, max_steps=8)
+        history = train(
+            model, tokens, labels, tokens[:8], labels[:8], settings, max_steps=8, pad_id=ENDOFTEXT
+        )
         losses.append(history.step_losses)
     assert len(losses[0]) == 8
     assert max(abs(a - b) for a, b in zip(*losses, strict=True)) <= 1e-5
@@ -38,9 +42,17 @@ def test_cached_frozen_blocks_give_the_same_losses_as_recomputing(arch, sms_line
 def test_only_the_last_blocks_norm_and_head_train(sms_lines):
     tokens, labels = _tokens(sms_lines, 24)
     torch.manual_seed(0)
-    model = GPT2Classifier(architecture("gpt2-mini"))
+    model = GPT2Classifier(ARCHITECTURES["gpt2-mini"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train(model, tokens, labels, tokens[:4], labels[:4], Settings(epochs=1, trainable=2, lr=1e-3))
+    train(
+        model,
+        tokens,
+        labels,
+        tokens[:4],
+        labels[:4],
+        Settings(epochs=1, trainable=2, lr=1e-3),
+        pad_id=ENDOFTEXT,
+    )
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed
     assert all(k.startswith(("h.2.", "h.3.", "ln_f.", "score.")) for k in changed)

@@ -2,6 +2,7 @@ import mailbox
 from pathlib import Path
 
 import pytest
+
 from filterd.trainer.data import (
     DataError,
     Example,
@@ -13,7 +14,6 @@ from filterd.trainer.data import (
     read_split,
     write_split,
 )
-
 from tests.conftest import SMS_FILE, SPAMASSASSIN
 
 

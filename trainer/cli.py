@@ -8,10 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from filterd.trainer.data import DataError, Example, prepare, read_mail, read_sms, read_spamassassin
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from filterd.trainer.data import DataError, Example, prepare, read_mail, read_sms, read_spamassassin
 
 err = Console(stderr=True)
 out = Console()
@@ -103,12 +104,11 @@ def read_examples(args: argparse.Namespace) -> list[Example]:
 
 def run_training(args: argparse.Namespace) -> int:
     import torch
+
+    from filterd.model.checkpoint import CheckpointMeta, save_checkpoint
     from filterd.trainer.data import write_split
     from filterd.trainer.metrics import binary_metrics, choose_threshold
     from filterd.trainer.train import Batcher, Settings, predict, set_trainable, train
-
-    from filterd.model.checkpoint import CheckpointMeta, save_checkpoint
-    from filterd.model.tokenizer import encode
 
     if not args.out:
         raise DataError("--out DIR is required to train")
@@ -122,7 +122,7 @@ def run_training(args: argparse.Namespace) -> int:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
     torch.manual_seed(args.seed)
-    model, arch, base_meta = initial_model(args.init, args.arch, args.dropout)
+    model, arch, base_meta, fam, tokenizer = initial_model(args.init, args.arch, args.dropout)
     model.to(device)
     defaults = RANDOM_DEFAULTS if args.init == "random" else PRETRAINED_DEFAULTS
     max_tokens = args.max_tokens or (base_meta.max_tokens if base_meta else 256)
@@ -136,7 +136,9 @@ def run_training(args: argparse.Namespace) -> int:
         trainable=parse_trainable(args.trainable or defaults["trainable"]),
         seed=args.seed,
     )
-    split_tokens = {name: [encode(e.text, max_tokens) for e in ex] for name, ex in data.splits()}
+    split_tokens = {
+        name: [tokenizer.encode(e.text, max_tokens) for e in ex] for name, ex in data.splits()
+    }
     split_labels = {name: [e.y for e in ex] for name, ex in data.splits()}
     steps = settings.epochs * -(-len(data.train) // settings.batch_size)
     err.print(
@@ -169,11 +171,12 @@ def run_training(args: argparse.Namespace) -> int:
                 f"{h.val_accuracy[-1]:.4f}, {time.monotonic() - started:.0f} s",
                 highlight=False,
             ),
+            pad_id=tokenizer.pad_id,
         )
     train_seconds = time.monotonic() - started
     first = set_trainable(model, settings.trainable)
     probs = {
-        name: predict(model, Batcher(model, split_tokens[name], first, cache=False))
+        name: predict(model, Batcher(model, split_tokens[name], first, False, tokenizer.pad_id))
         for name in ("train", "val", "test")
     }
     threshold = choose_threshold(probs["val"], split_labels["val"], args.max_fpr)
@@ -208,12 +211,14 @@ def run_training(args: argparse.Namespace) -> int:
     meta = CheckpointMeta(
         arch=arch,
         config={},
+        family=fam.name,
+        tokenizer=tokenizer.name,
         threshold=threshold,
         max_tokens=max_tokens,
         data_fingerprint=data.fingerprint(),
         metrics={k: report[k] for k in ("train", "val", "test", "counts")},
     )
-    path = save_checkpoint(args.out, model.cpu(), meta)
+    path = save_checkpoint(args.out, model.cpu(), meta, tokenizer)
     (args.out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
         from filterd.trainer.plot import write_plots
@@ -226,7 +231,8 @@ def run_training(args: argparse.Namespace) -> int:
 
 
 def initial_model(init: str, arch: str, dropout: float | None):
-    """(model, architecture name, base checkpoint metadata or None) for --init.
+    """(model, architecture name, base checkpoint metadata or None, family, tokenizer) for
+    --init.
 
     Dropout is for random weights only: with frozen blocks, their cached output must be
     what they compute, so fine-tuning runs without it.
@@ -234,22 +240,25 @@ def initial_model(init: str, arch: str, dropout: float | None):
     from dataclasses import replace
 
     from filterd.model.checkpoint import is_checkpoint, load_checkpoint
-    from filterd.model.gpt2 import GPT2Classifier, architecture, architecture_name
     from filterd.model.pretrained import load_pretrained
+    from filterd.model.registry import architecture, family
 
     if init == "random":
+        fam, config = architecture(arch)
         default = RANDOM_DEFAULTS["dropout"]
-        config = replace(architecture(arch), dropout=default if dropout is None else dropout)
-        return GPT2Classifier(config), arch, None
+        config = replace(config, dropout=default if dropout is None else dropout)
+        return fam.build(config), arch, None, fam, fam.tokenizer({})
     if dropout:
         raise DataError("--dropout applies to --init random only")
     if Path(init).exists() and is_checkpoint(init):
-        trained, meta = load_checkpoint(init, retrain=True)
-        model = GPT2Classifier(replace(trained.config, dropout=0.0))
+        trained, meta, tokenizer = load_checkpoint(init, retrain=True)
+        fam = meta.model_family
+        model = fam.build(replace(trained.config, dropout=0.0))
         model.load_state_dict(trained.state_dict())
-        return model, meta.arch, meta
-    model = load_pretrained(init)
-    return model, architecture_name(model.config), None
+        return model, meta.arch, meta, fam, tokenizer
+    model = load_pretrained(init)  # GPT-2 weights
+    fam = family("gpt2")
+    return model, fam.architecture_name(model.config), None, fam, fam.tokenizer({})
 
 
 def parse_trainable(value: str) -> int | None:
@@ -285,10 +294,9 @@ def _fmt(value: float | None) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    import filterd
     from filterd.trainer.data import deduplicate, read_split
     from filterd.trainer.metrics import binary_metrics
-
-    import filterd
 
     clf = filterd.load_classifier(args.evaluate)
     if args.split:

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from filterd.model.classifier import length_batches
-from filterd.model.gpt2 import GPT2Classifier, pad_batch
-from filterd.model.tokenizer import ENDOFTEXT
+from filterd.model.batching import length_batches, pad_batch
+from filterd.model.family import Backbone
 
 EVAL_BATCH_TOKENS = 8192
 
@@ -45,19 +44,19 @@ class History:
     best_epoch: int | None = None  # 1-based; the epoch whose weights were kept
 
 
-def set_trainable(model: GPT2Classifier, last: int | None) -> int:
+def set_trainable(model: Backbone, last: int | None) -> int:
     """Freeze all but the last `last` blocks, final norm and head; return the first trained block.
 
     `None` trains everything, embeddings included (what random weights need).
     """
-    n_layer = model.config.n_layer
+    n_layer = len(model.blocks)
     if last is None:
         model.requires_grad_(True)
         return 0
     if not 1 <= last <= n_layer:
         raise ValueError(f"--trainable last-{last}: this model has {n_layer} blocks")
     model.requires_grad_(False)
-    for module in (*model.h[n_layer - last :], model.ln_f, model.score):
+    for module in (*model.blocks[n_layer - last :], model.final_norm, model.score):
         module.requires_grad_(True)
     return n_layer - last
 
@@ -69,16 +68,18 @@ class Batcher:
     every time, which is what the tests compare against.
     """
 
-    def __init__(self, model: GPT2Classifier, tokens: Sequence[list[int]], first: int, cache: bool):
-        self.model, self.tokens, self.first = model, tokens, first
+    def __init__(
+        self, model: Backbone, tokens: Sequence[list[int]], first: int, cache: bool, pad_id: int
+    ):
+        self.model, self.tokens, self.first, self.pad_id = model, tokens, first, pad_id
         self.cache: dict[int, torch.Tensor] | None = {} if cache and first > 0 else None
         self.device = next(model.parameters()).device
 
     def __call__(self, batch: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cache is None:
-            ids, lengths = pad_batch([self.tokens[i] for i in batch], ENDOFTEXT, self.device)
+            ids, lengths = pad_batch([self.tokens[i] for i in batch], self.pad_id, self.device)
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.first == 0):
-                x = self.model.run_blocks(self.model.embed(ids), 0, self.first)
+                x = self.model.run_blocks(self.model.embed(ids), lengths, 0, self.first)
             return x, lengths
         missing = [i for i in batch if i not in self.cache]
         if missing:
@@ -95,15 +96,15 @@ class Batcher:
         lengths = [len(self.tokens[i]) for i in indices]
         for group in length_batches(lengths, EVAL_BATCH_TOKENS, 64):
             chosen = [indices[g] for g in group]
-            ids, lens = pad_batch([self.tokens[i] for i in chosen], ENDOFTEXT, self.device)
-            x = self.model.run_blocks(self.model.embed(ids), 0, self.first)
+            ids, lens = pad_batch([self.tokens[i] for i in chosen], self.pad_id, self.device)
+            x = self.model.run_blocks(self.model.embed(ids), lens, 0, self.first)
             for row, i in enumerate(chosen):
                 self.cache[i] = x[row, : lens[row]].clone()
 
 
-def logits(model: GPT2Classifier, batcher: Batcher, batch: Sequence[int]) -> torch.Tensor:
+def logits(model: Backbone, batcher: Batcher, batch: Sequence[int]) -> torch.Tensor:
     x, lengths = batcher(batch)
-    x = model.run_blocks(x, batcher.first, model.config.n_layer - 1)
+    x = model.run_blocks(x, lengths, batcher.first, len(model.blocks) - 1)
     return model.classify(x, lengths)
 
 
@@ -121,7 +122,7 @@ def train_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -
 
 
 @torch.no_grad()
-def predict(model: GPT2Classifier, batcher: Batcher) -> list[float]:
+def predict(model: Backbone, batcher: Batcher) -> list[float]:
     """Spam probability of every message the batcher holds."""
     was_training = model.training
     model.eval()
@@ -146,7 +147,7 @@ def _accuracy(probs: Sequence[float], labels: Sequence[int]) -> float:
 
 
 def train(
-    model: GPT2Classifier,
+    model: Backbone,
     train_tokens: Sequence[list[int]],
     train_labels: Sequence[int],
     val_tokens: Sequence[list[int]],
@@ -155,11 +156,14 @@ def train(
     on_step: Callable[[int, int, float], None] | None = None,
     max_steps: int | None = None,
     on_epoch: Callable[[int, History], None] | None = None,
+    *,
+    pad_id: int,
 ) -> History:
     """AdamW over the trainable parameters; returns per-epoch and per-step losses.
 
     `on_step(epoch, step, loss)` and `on_epoch(epoch, history)` let a caller show
-    progress; `max_steps` stops early (for tests that compare a few steps).
+    progress; `max_steps` stops early (for tests that compare a few steps). `pad_id` is the
+    tokenizer's padding token.
     """
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
@@ -170,8 +174,8 @@ def train(
     optimizer = torch.optim.AdamW(
         params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True
     )
-    train_batcher = Batcher(model, train_tokens, first, settings.cache_frozen)
-    val_batcher = Batcher(model, val_tokens, first, settings.cache_frozen)
+    train_batcher = Batcher(model, train_tokens, first, settings.cache_frozen, pad_id)
+    val_batcher = Batcher(model, val_tokens, first, settings.cache_frozen, pad_id)
     targets = torch.tensor(train_labels, device=train_batcher.device)
     history = History()
     lengths = [len(t) for t in train_tokens]

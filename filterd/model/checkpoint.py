@@ -16,19 +16,23 @@ import os
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from filterd import __version__
-from filterd.model.gpt2 import GPT2Classifier, GPTConfig
+from filterd.model.family import Backbone, Family
+from filterd.model.registry import family
+from filterd.model.tokenizer import Tokenizer
 from filterd.store.durable import replace_durably
 from filterd.text import TEXT_VERSION
 
 FORMAT = "filterd-checkpoint/1"
 FILENAME = "model.safetensors"
 _META_KEY = "filterd"
+_TOKENIZER = "tokenizer."  # tensors holding the tokenizer's files, as bytes
 
 
 class CheckpointError(ValueError):
@@ -39,6 +43,7 @@ class CheckpointError(ValueError):
 class CheckpointMeta:
     arch: str
     config: dict
+    family: str = "gpt2"
     threshold: float = 0.5
     max_tokens: int = 256
     labels: list[str] = field(default_factory=lambda: ["ham", "spam"])
@@ -51,8 +56,20 @@ class CheckpointMeta:
     format: str = FORMAT
 
     @property
-    def model_config(self) -> GPTConfig:
-        return GPTConfig.from_dict(self.config)
+    def model_family(self) -> Family:
+        return family(self.family)
+
+    @property
+    def model_config(self) -> Any:
+        return self.model_family.config_from_dict(self.config)
+
+
+class Loaded(NamedTuple):
+    """A checkpoint ready to score or train: network, metadata and tokenizer."""
+
+    model: Backbone
+    meta: CheckpointMeta
+    tokenizer: Tokenizer
 
 
 def checkpoint_path(path: str | os.PathLike) -> Path:
@@ -64,7 +81,14 @@ def checkpoint_path(path: str | os.PathLike) -> Path:
     return p / FILENAME
 
 
-def save_checkpoint(path: str | os.PathLike, model: GPT2Classifier, meta: CheckpointMeta) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: Backbone,
+    meta: CheckpointMeta,
+    tokenizer: Tokenizer | None = None,
+) -> Path:
+    """Write atomically; the tokenizer's files go in too when it has any (a vocabulary
+    that does not ship with filterd)."""
     target = checkpoint_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     meta.config = model.config.to_dict()
@@ -74,6 +98,8 @@ def save_checkpoint(path: str | os.PathLike, model: GPT2Classifier, meta: Checkp
     tensors = {
         k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
     }
+    for name, data in (tokenizer.files() if tokenizer else {}).items():
+        tensors[_TOKENIZER + name] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     # The data section does not depend on the header, so hash it from a first pass.
     digest = _data_sha256(save_tensors(tensors, metadata={}))
     header = {_META_KEY: json.dumps(asdict(meta)), "sha256": digest}
@@ -84,7 +110,7 @@ def save_checkpoint(path: str | os.PathLike, model: GPT2Classifier, meta: Checkp
 
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu", retrain: bool = False
-) -> tuple[GPT2Classifier, CheckpointMeta]:
+) -> Loaded:
     """A validated model and its metadata. `retrain` accepts any text-extraction version:
     the weights are a fine start for training on the current text, not for scoring."""
     target = checkpoint_path(path)
@@ -100,12 +126,17 @@ def load_checkpoint(
         tensors = load_tensors(blob)
     except Exception as e:  # safetensors raises its own error type for layout damage
         raise CheckpointError(f"{target}: damaged tensor data ({e})") from e
-    _check_size(meta.model_config, tensors, target)
+    files = {k.removeprefix(_TOKENIZER): v for k, v in tensors.items() if k.startswith(_TOKENIZER)}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(_TOKENIZER)}
+    fam, config = meta.model_family, meta.model_config
+    problem = fam.size_problem(config, {k: tuple(v.shape) for k, v in tensors.items()})
+    if problem:
+        raise CheckpointError(f"{target}: tensors do not match its architecture: {problem}")
     try:
         # Shapes first, from a model without storage: metadata that names a huge
         # architecture must not make us allocate it before the tensors are compared.
         with torch.device("meta"):
-            skeleton = GPT2Classifier(meta.model_config)
+            skeleton = fam.build(config)
     except (ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{target}: bad architecture in metadata: {e}") from e
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
@@ -113,26 +144,13 @@ def load_checkpoint(
     if expected != found:
         diff = sorted(set(expected.items()) ^ set(found.items()))[:4]
         raise CheckpointError(f"{target}: tensors do not match its architecture: {diff}")
-    model = GPT2Classifier(meta.model_config)
+    try:
+        tokenizer = fam.tokenizer({k: v.numpy().tobytes() for k, v in files.items()})
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{target}: cannot rebuild its tokenizer: {e}") from e
+    model = fam.build(config)
     model.load_state_dict(tensors)
-    return model.to(device).eval(), meta
-
-
-def _check_size(config: GPTConfig, tensors: dict[str, torch.Tensor], target: Path) -> None:
-    """The metadata's main dimensions against the file's tensors, before any model is built:
-    a forged `n_layer: 100000` fails here at once instead of after minutes of building."""
-    blocks = {k.split(".", 2)[1] for k in tensors if k.startswith("h.")}
-    found = (
-        tuple(getattr(tensors.get("wte.weight"), "shape", ())),
-        tuple(getattr(tensors.get("wpe.weight"), "shape", ())),
-        len(blocks),
-    )
-    wanted = ((config.vocab_size, config.n_embd), (config.n_positions, config.n_embd))
-    if found != (*wanted, config.n_layer):
-        raise CheckpointError(
-            f"{target}: tensors do not match its architecture: (wte, wpe, blocks) are "
-            f"{found}, the metadata says {(*wanted, config.n_layer)}"
-        )
+    return Loaded(model.to(device).eval(), meta, tokenizer)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -177,16 +195,12 @@ def _meta(metadata: dict, target: Path, retrain: bool = False) -> CheckpointMeta
     try:
         if not isinstance(meta.config, dict):
             raise TypeError(f"config is a {type(meta.config).__name__}, not a mapping")
-        for key in ("layer_norm_epsilon", "dropout"):  # GPTConfig checks only its ints
-            value = meta.config.get(key, 0.0)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"{key} is {value!r}, not a number")
-        meta.model_config  # noqa: B018 - validates the architecture fields
+        meta.model_config  # noqa: B018 - validates the family and its architecture fields
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{target}: bad architecture in metadata: {e}") from e
     if meta.format != FORMAT:
         raise CheckpointError(f"{target}: format {meta.format!r}, this filterd reads {FORMAT!r}")
-    if meta.tokenizer != "gpt2":
+    if meta.tokenizer != meta.model_family.tokenizer_name:
         raise CheckpointError(f"{target}: tokenizer {meta.tokenizer!r} is not supported")
     if meta.text_version != TEXT_VERSION and not retrain:
         raise CheckpointError(

@@ -15,10 +15,11 @@ from typing import get_args
 import torch
 
 from filterd.config import Precision
+from filterd.model.batching import length_batches, pad_batch
 from filterd.model.checkpoint import CheckpointMeta, load_checkpoint
-from filterd.model.gpt2 import GPT2Classifier, pad_batch
+from filterd.model.family import Backbone
 from filterd.model.quantize import quantize_int8
-from filterd.model.tokenizer import ENDOFTEXT, encode
+from filterd.model.tokenizer import Tokenizer
 from filterd.text import TextLimits, message_text
 
 # Micro-batches group messages of similar length and hold at most this many padded
@@ -60,16 +61,19 @@ class Scorer(ABC):
 class Classifier(Scorer):
     def __init__(
         self,
-        model: GPT2Classifier,
+        model: Backbone,
         meta: CheckpointMeta,
         limits: TextLimits = TextLimits(),
         device: str | torch.device = "cpu",
         precision: Precision = "float32",
+        tokenizer: Tokenizer | None = None,
     ):
         if precision not in get_args(Precision):
             raise ValueError(f"precision must be one of {get_args(Precision)}, got {precision!r}")
         self.model = model.to(device).eval()
         self.meta = meta
+        # The family's own, unless the checkpoint carried its files.
+        self.tokenizer = tokenizer or meta.model_family.tokenizer({})
         self.limits = limits
         self.device = torch.device(device)
         self.precision = precision
@@ -84,7 +88,7 @@ class Classifier(Scorer):
             self.max_batch = 1
 
     def tokens(self, text: str) -> list[int]:
-        return encode(text, self.meta.max_tokens)
+        return self.tokenizer.encode(text, self.meta.max_tokens)
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         """Spam probability of each model text (already extracted or an SMS)."""
@@ -105,27 +109,12 @@ class Classifier(Scorer):
         batches = length_batches([len(t) for t in token_lists], BATCH_TOKENS, self.max_batch)
         with self._model_lock:
             for batch in batches:
-                ids, lengths = pad_batch([token_lists[i] for i in batch], ENDOFTEXT, self.device)
+                tokens = [token_lists[i] for i in batch]
+                ids, lengths = pad_batch(tokens, self.tokenizer.pad_id, self.device)
                 probs = torch.softmax(self.model(ids, lengths).double(), dim=-1)[:, 1]
                 for i, p in zip(batch, probs.tolist(), strict=True):
                     scores[i] = p
         return scores
-
-
-def length_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> list[list[int]]:
-    """Indices grouped by similar length, each group's padded size within max_tokens."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        # Sorted ascending, so the newcomer sets the padded length of the group.
-        if current and (len(current) >= max_batch or (len(current) + 1) * lengths[i] > max_tokens):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
 
 
 def load_classifier(
@@ -135,5 +124,5 @@ def load_classifier(
     precision: Precision = "float32",
 ) -> Classifier:
     """Load a filterd checkpoint (file or folder) ready to score."""
-    model, meta = load_checkpoint(path, device)
-    return Classifier(model, meta, limits, device, precision)
+    model, meta, tokenizer = load_checkpoint(path, device)
+    return Classifier(model, meta, limits, device, precision, tokenizer)

@@ -1,4 +1,4 @@
-"""GPT-2 with a two-class head: the whole network in one file.
+"""GPT-2 with a two-class head: the whole network in one file, and its model family.
 
 Module names follow the public GPT-2 checkpoints (wte, wpe, h.N.attn.c_attn, ...), so
 pretrained weights map onto it with no renaming beyond a transpose. The language-model
@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from filterd.model.family import Backbone, Family
+from filterd.model.tokenizer import Tokenizer, gpt2_tokenizer
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{f.name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for key in ("layer_norm_epsilon", "dropout"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{key} is {value!r}, not a number")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -60,23 +67,6 @@ ARCHITECTURES: dict[str, GPTConfig] = {
     "gpt2-mini": GPTConfig(n_layer=4, n_head=4, n_embd=256),
     "gpt2-tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64, n_positions=512),
 }
-
-
-def architecture(name: str) -> GPTConfig:
-    try:
-        return ARCHITECTURES[name]
-    except KeyError:
-        known = ", ".join(ARCHITECTURES)
-        raise ValueError(f"unknown architecture {name!r}; known: {known}") from None
-
-
-def architecture_name(config: GPTConfig) -> str:
-    """The named architecture this config has, or "custom"."""
-    shape = (config.n_layer, config.n_head, config.n_embd, config.vocab_size)
-    for name, known in ARCHITECTURES.items():
-        if (known.n_layer, known.n_head, known.n_embd, known.vocab_size) == shape:
-            return name
-    return "custom"
 
 
 class Linear(nn.Linear):
@@ -129,7 +119,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2Classifier(nn.Module):
+class GPT2Classifier(Backbone):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -152,6 +142,14 @@ class GPT2Classifier(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.h
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.ln_f
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
         if self.config.n_positions < T:
@@ -161,11 +159,17 @@ class GPT2Classifier(nn.Module):
         pos = torch.arange(T, device=input_ids.device)
         return self.drop(self.wte(input_ids) + self.wpe(pos))
 
-    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Blocks [start, stop): split so a trainer can cache what frozen blocks produce."""
+    def run_blocks(
+        self, x: torch.Tensor, lengths: torch.Tensor, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """Causal attention: a real token never sees the padding to its right, so no mask."""
         for block in self.h[start:stop]:
             x = block(x)
         return x
+
+    def pool(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Each row's last real token: the only one that has read the whole message."""
+        return hidden[torch.arange(len(hidden), device=hidden.device), lengths - 1]
 
     def classify(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Logits from the output of all blocks but the last (lengths count real tokens).
@@ -194,21 +198,39 @@ class GPT2Classifier(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states of every position, as GPT-2 reference code returns them."""
-        return self.ln_f(self.run_blocks(self.embed(input_ids)))
-
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        x = self.run_blocks(self.embed(input_ids), 0, self.config.n_layer - 1)
-        return self.classify(x, lengths)
+        lengths = torch.full((len(input_ids),), input_ids.shape[1], device=input_ids.device)
+        return self.ln_f(self.run_blocks(self.embed(input_ids), lengths))
 
 
-def pad_batch(
-    token_lists: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence in this batch (never to the context length)."""
-    lengths = [len(t) for t in token_lists]
-    if min(lengths) < 1:
-        raise ValueError("every sequence needs at least one token")
-    ids = torch.full((len(token_lists), max(lengths)), pad_id, dtype=torch.long)
-    for row, tokens in enumerate(token_lists):
-        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    return ids.to(device), torch.tensor(lengths, dtype=torch.long, device=device)
+class GPT2(Family):
+    name = "gpt2"
+    tokenizer_name = "gpt2"
+    architectures = ARCHITECTURES
+
+    def config_from_dict(self, data: dict) -> GPTConfig:
+        return GPTConfig.from_dict(data)
+
+    def build(self, config: GPTConfig) -> GPT2Classifier:
+        return GPT2Classifier(config)
+
+    def tokenizer(self, files: dict[str, bytes]) -> Tokenizer:
+        if files:
+            raise ValueError(f"GPT-2's tokenizer ships with filterd; unexpected {sorted(files)}")
+        return gpt2_tokenizer()
+
+    def size_problem(self, config: GPTConfig, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        blocks = {k.split(".", 2)[1] for k in shapes if k.startswith("h.")}
+        found = (shapes.get("wte.weight", ()), shapes.get("wpe.weight", ()), len(blocks))
+        wanted = ((config.vocab_size, config.n_embd), (config.n_positions, config.n_embd))
+        if found != (*wanted, config.n_layer):
+            return f"(wte, wpe, blocks) are {found}, the metadata says {(*wanted, config.n_layer)}"
+        return None
+
+    def architecture_name(self, config: GPTConfig) -> str:
+        """By the dimensions that fix the weights' shapes: a pretrained config.json may
+        spell the rest (epsilon, positions) its own way."""
+        shape = (config.n_layer, config.n_head, config.n_embd, config.vocab_size)
+        for name, known in ARCHITECTURES.items():
+            if (known.n_layer, known.n_head, known.n_embd, known.vocab_size) == shape:
+                return name
+        return "custom"

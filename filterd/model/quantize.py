@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from filterd.model.gpt2 import GPT2Classifier
+from filterd.model.family import Backbone
 
 
 class Int8Linear(nn.Module):
@@ -54,14 +54,14 @@ class Int8Linear(nn.Module):
         return self.rows(x, 0, self.out_features)
 
 
-def quantize_int8(model: GPT2Classifier) -> GPT2Classifier:
-    """Replace the blocks' Linear layers with Int8Linear, in place (for scoring only)."""
+def quantize_int8(model: Backbone) -> Backbone:
+    """Replace every Linear layer inside the blocks with Int8Linear, in place (for scoring
+    only). Embeddings, norms and the head stay float32."""
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("precision int8 runs on the CPU only (fbgemm); use device: cpu")
     model.eval()
-    for block in model.h:
-        for parent in (block.attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child))
+    for parent in list(model.blocks.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8Linear(child))
     return model

@@ -1,12 +1,15 @@
-"""GPT-2's byte-pair encoding, built from files shipped in the package.
+"""Tokenizers: text to the token ids a model family reads, with one rule for long texts.
 
-tiktoken's own `get_encoding("gpt2")` downloads its files on first use; a mail filter
-must start and score with no network, so the same files live in `assets/gpt2/`.
+`Tokenizer` is the interface the model families implement (family.py names it). GPT-2's
+byte-pair encoding is built from files shipped in the package: tiktoken's own
+`get_encoding("gpt2")` downloads its files on first use, and a mail filter must start and
+score with no network, so the same files live in `assets/gpt2/`.
 """
 
 from __future__ import annotations
 
 import functools
+from abc import ABC, abstractmethod
 from importlib import resources
 
 import tiktoken
@@ -38,22 +41,50 @@ def gpt2_encoding() -> tiktoken.Encoding:
     )
 
 
-def encode(text: str, max_tokens: int) -> list[int]:
-    """Token ids for the model: head and tail of a long text, never empty.
+class Tokenizer(ABC):
+    """Text to token ids for one model family."""
 
-    Keeping the last quarter as well as the first three quarters means a long harmless
-    preamble cannot push a payload at the end out of view.
-    """
-    if max_tokens < 2:
-        raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
-    # Cutting a huge text first bounds the work; texts under the cut are untouched and
-    # the cut is deterministic, so trainer and runtime still see the same tokens.
-    if len(text) > 64 * max_tokens:
-        text = text[: 48 * max_tokens] + text[-16 * max_tokens :]
-    tokens = gpt2_encoding().encode_ordinary(text)
-    if not tokens:
-        return [ENDOFTEXT]
-    if len(tokens) > max_tokens:
-        tail = max_tokens // 4
-        tokens = tokens[: max_tokens - tail] + tokens[-tail:]
-    return tokens
+    name: str  # stored in checkpoints, checked against the family's
+    pad_id: int  # what batches are right-padded with (never read: lengths mask it)
+
+    @abstractmethod
+    def ids(self, text: str) -> list[int]:
+        """Every token of text, no special tokens."""
+
+    def files(self) -> dict[str, bytes]:
+        """The files a checkpoint must carry to rebuild this tokenizer (its vocabulary);
+        none when filterd ships them."""
+        return {}
+
+    def encode(self, text: str, max_tokens: int) -> list[int]:
+        """Token ids for the model: head and tail of a long text, never empty.
+
+        Keeping the last quarter as well as the first three quarters means a long harmless
+        preamble cannot push a payload at the end out of view.
+        """
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
+        # Cutting a huge text first bounds the work; texts under the cut are untouched and
+        # the cut is deterministic, so trainer and runtime still see the same tokens.
+        if len(text) > 64 * max_tokens:
+            text = text[: 48 * max_tokens] + text[-16 * max_tokens :]
+        tokens = self.ids(text)
+        if not tokens:
+            return [self.pad_id]
+        if len(tokens) > max_tokens:
+            tail = max_tokens // 4
+            tokens = tokens[: max_tokens - tail] + tokens[-tail:]
+        return tokens
+
+
+class GPT2Tokenizer(Tokenizer):
+    name = "gpt2"
+    pad_id = ENDOFTEXT
+
+    def ids(self, text: str) -> list[int]:
+        return gpt2_encoding().encode_ordinary(text)
+
+
+@functools.cache
+def gpt2_tokenizer() -> GPT2Tokenizer:
+    return GPT2Tokenizer()
