@@ -297,7 +297,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         config = _config(args)
-        sources = load_sources(config)  # before the model loads: a wrong setting fails at once
+        # Before the model loads: a wrong setting fails at once.
+        sources = load_sources(config, required=True)
     except ConfigError as e:
         _err(str(e))
         return EX_CONFIG

@@ -70,8 +70,10 @@ class Reloader:
                 await self.reload("checkpoint file changed")
 
 
-def load_sources(config: Config) -> list[Source]:
+def load_sources(config: Config, required: bool = False) -> list[Source]:
     """The configured sources, built and validated (errors name their config key)."""
+    if required and not config.sources:
+        raise ConfigError("sources: none configured: add smtp, maildir or another source")
     return [
         plugin_api.load("sources", choice, where, config, options_key)
         for where, choice, options_key in config.source_choices()
@@ -80,8 +82,6 @@ def load_sources(config: Config) -> list[Source]:
 
 async def _start_sources(engine: Engine, sources: list[Source], timeout: float) -> list[Source]:
     """Start each source; if one fails, stop those already started."""
-    if not sources:
-        raise ConfigError("sources: none configured: add smtp, maildir or another source")
     started: list[Source] = []
     try:
         for source in sources:

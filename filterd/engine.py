@@ -90,8 +90,8 @@ class Engine:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        load = ProcessClassifier if child_process else load_classifier
-        clf = load(path, device, config.limits.text_limits(), config.precision)
+        loader = ProcessClassifier if child_process else load_classifier
+        clf = loader(path, device, config.limits.text_limits(), config.precision)
         try:
             return cls(clf, config, tagger, checks)
         except ConfigError:  # the checkpoint's threshold breaks the configured ones

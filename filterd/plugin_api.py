@@ -33,8 +33,7 @@ from filterd.config import Config, ConfigError, PluginChoice
 from filterd.headers import Tagger
 from filterd.mail import Mail
 from filterd.store.quarantine import Store
-from filterd.verdict import Action as ActionName
-from filterd.verdict import Verdict
+from filterd.verdict import ActionName, Verdict
 
 GROUPS = {"checks": "filterd.checks", "actions": "filterd.actions", "sources": "filterd.sources"}
 

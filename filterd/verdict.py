@@ -9,14 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Action = Literal["tag", "quarantine", "reject"]
+ActionName = Literal["tag", "quarantine", "reject"]
 
 
 @dataclass(frozen=True)
 class Verdict:
     probability: float | None  # None when a check or a valid marker decided without the model
     is_spam: bool
-    action: Action
+    action: ActionName
     threshold: float
     model: str
     decided_by: str = "model"  # "model", "marker" (already scored) or "check:<name>"
@@ -36,7 +36,7 @@ class Verdict:
 
 def action_for(
     probability: float, quarantine_threshold: float | None, reject_threshold: float | None
-) -> Action:
+) -> ActionName:
     """The strongest action whose threshold the probability reaches; tagging otherwise."""
     if reject_threshold is not None and probability >= reject_threshold:
         return "reject"

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from filterd.mail import Mail
 from filterd.plugin_api import Check, Decision, Options
-from filterd.verdict import Action, Verdict
+from filterd.verdict import ActionName, Verdict
 
 _ENTRY = re.compile(r"([^\s@]+@)?[a-z0-9-]+(\.[a-z0-9-]+)*")
 
@@ -22,7 +22,7 @@ _ENTRY = re.compile(r"([^\s@]+@)?[a-z0-9-]+(\.[a-z0-9-]+)*")
 class ListsOptions(Options):
     allow: list[str] = Field(default_factory=list)
     block: list[str] = Field(default_factory=list)
-    block_action: Action = "tag"  # what a blocklisted message gets: tag, quarantine, reject
+    block_action: ActionName = "tag"  # what a blocklisted message gets: tag, quarantine, reject
 
     @field_validator("allow", "block")
     @classmethod

@@ -219,3 +219,26 @@ def test_trained_checkpoint_scores_its_test_split_as_metrics_say(
     right = sum(r["label"] == test[r["path"]] for r in results)
     expected = json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
     assert right / len(test) == pytest.approx(expected, abs=1e-9)
+
+
+def test_check_validates_sources_and_notes_old_sections(
+    tmp_path, monkeypatch, capsysbinary, spam_ck
+):
+    md = tmp_path / "Maildir"
+    old = write_config(
+        tmp_path,
+        f"checkpoint: {spam_ck}\nsmtp:\n  enabled: true\n  port: 2525\nmaildir:\n  paths: [{md}]\n",
+    )
+    code, out, err = run(monkeypatch, capsysbinary, ["check", "--config", old])
+    assert code == 0 and b"sources: smtp, maildir" in out
+    assert err.count("filterd: note: the ") == 2 and "sources: [{name: smtp" in err
+    bad = write_config(
+        tmp_path,
+        f"checkpoint: {spam_ck}\nsources:\n  - name: smtp\n    options: {{port: 99999}}\n"
+        "  - name: nntp\n",
+    )
+    code, _, err = run(monkeypatch, capsysbinary, ["check", "--config", bad])
+    assert code == 2 and "sources[0].options.port: Input should be less than" in err
+    fixed = write_config(tmp_path, f"checkpoint: {spam_ck}\nsources:\n  - name: nntp\n")
+    code, _, err = run(monkeypatch, capsysbinary, ["check", "--config", fixed])
+    assert code == 2 and "sources[0].name: no sources plugin 'nntp' (installed: " in err

@@ -82,3 +82,34 @@ def test_defaults_live_in_the_state_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_STATE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert Config().headers.secret_path() == tmp_path / "home/.local/state/filterd/secret"
+
+
+def test_old_smtp_and_maildir_sections_become_sources():
+    old = Config.model_validate(
+        {"smtp": {"enabled": True, "port": 0}, "maildir": {"paths": ["/m"], "rescan_seconds": 5}}
+    )
+    assert [(c.name, c.options) for c in old.sources] == [
+        ("smtp", {"port": 0}),
+        ("maildir", {"paths": ["/m"], "rescan_seconds": 5}),
+    ]
+    assert [where for where, _, _ in old.source_choices()] == ["smtp", "maildir"]
+    assert len(old.notes()) == 2 and "sources: [{name: smtp" in old.notes()[0]
+    new = Config.model_validate(
+        {
+            "sources": [
+                {"name": "smtp", "options": {"port": 0}},
+                {"name": "maildir", "options": {"paths": ["/m"], "rescan_seconds": 5}},
+            ]
+        }
+    )
+    assert new.sources == old.sources and new.notes() == []
+    assert [k for _, _, k in new.source_choices()] == ["sources[0].options", "sources[1].options"]
+    off = Config.model_validate({"smtp": {"enabled": False, "port": 1}, "maildir": {"paths": []}})
+    assert off.sources == [] and off.notes() == []
+
+
+def test_an_old_section_beside_its_new_entry_is_an_error(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("smtp: {enabled: true}\nsources: [{name: smtp}]\n")
+    with pytest.raises(ConfigError, match="smtp: set it as a `smtp` entry of sources only"):
+        load_config(path)

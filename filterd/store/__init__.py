@@ -1,0 +1,1 @@
+"""What filterd keeps on disk: durable writes, Maildir delivery and the quarantine store."""
