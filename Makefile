@@ -32,3 +32,5 @@ demo: setup
 	$(BIN)/filterd-train --sms $(SMS) --init random --arch gpt2-mini --out $(DEMO_OUT)
 	printf 'Subject: You WON a prize\n\nCall 09061701461 now to claim your free entry!\n' \
 		| $(BIN)/filterd score --checkpoint $(DEMO_OUT); test $$? -le 1
+	@echo "demo model: $(DEMO_OUT) (trained on SMS texts: a demonstration, not a mail filter;"
+	@echo "train on your own mail or the SpamAssassin corpus before filtering e-mail, see README)"

@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from filterd import __version__
 from filterd.config import DEFAULT_PATH, Config, ConfigError, load_config
 
 if TYPE_CHECKING:
     from filterd.engine import Engine
+    from filterd.mail import Mail
 
 # Exit statuses (README "Exit codes" lists them for users).
 EX_HAM, EX_SPAM = 0, 1  # `filterd score` of one message, plain output (like spamc -c)
@@ -113,7 +115,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     from filterd.mail import Mail
 
     if not args.paths:
-        verdict = engine.verdicts([Mail(sys.stdin.buffer.read(), origin="-")])[0]
+        mail = Mail(sys.stdin.buffer.read(), origin="-")
+        _warn_if_not_mail(mail)
+        verdict = engine.verdicts([mail])[0]
         print(_line(None, verdict, as_json=args.json), flush=True)
         return EX_SPAM if verdict.is_spam and not args.json else EX_HAM
 
@@ -125,18 +129,20 @@ def cmd_score(args: argparse.Namespace) -> int:
             mails, lines = [], {}
             for n, path in enumerate(files[i : i + _CHUNK]):
                 try:
-                    mails.append((n, Mail(path.read_bytes(), origin=str(path))))
+                    mail = Mail(path.read_bytes(), origin=str(path))
                 except OSError as e:
                     lines[n] = _line(str(path), error=e.strerror or str(e), as_json=args.json)
                     counts["error"] += 1
-            for (n, mail), verdict in zip(
-                mails, engine.verdicts([m for _, m in mails]), strict=True
-            ):
+                    continue
+                _warn_if_not_mail(mail)
+                mails.append((n, mail))
+            advance(len(lines))  # the unreadable ones
+            verdicts = engine.verdicts([m for _, m in mails], progress=advance)
+            for (n, mail), verdict in zip(mails, verdicts, strict=True):
                 lines[n] = _line(mail.origin, verdict, as_json=args.json)
                 counts[verdict.label] += 1
             sys.stdout.write("".join(lines[n] + "\n" for n in sorted(lines)))
             sys.stdout.flush()
-            advance(len(lines))
     elapsed = time.perf_counter() - start
     total = len(files)
     if total > 1:
@@ -153,8 +159,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     return EX_HAM
 
 
+def _warn_if_not_mail(mail: Mail) -> None:
+    """A binary or a bare text piped in by mistake would get a verdict like any mail."""
+    if not mail.has_header:
+        where = "stdin" if mail.origin == "-" else mail.origin
+        what = "empty" if not mail.raw.strip() else "no header block"
+        _err(f"warning: {where}: {what}: not a mail message? (scored as one)")
+
+
 class _Progress:
-    """A rich progress bar on stderr when it is a terminal; nothing otherwise."""
+    """A rich progress bar on stderr when it is a terminal; nothing otherwise. It moves as
+    each micro-batch is scored. Results printed meanwhile stay on stdout: rich shows them
+    above the bar only when stdout is the same kind of terminal, and otherwise leaves
+    stdout alone (redirected into its display, they would never reach a file or pipe)."""
 
     def __init__(self, total: int):
         self.total = total
@@ -167,7 +184,10 @@ class _Progress:
         console = Console(file=sys.stderr)
         if console.is_terminal and self.total > 1:
             self.bar = Progress(
-                *Progress.get_default_columns(), MofNCompleteColumn(), console=console
+                *Progress.get_default_columns(),
+                MofNCompleteColumn(),
+                console=console,
+                redirect_stdout=sys.stdout.isatty(),
             )
             self.bar.start()
             task = self.bar.add_task("scoring", total=self.total)
@@ -245,6 +265,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
+    """List, show, release, delete or expire held messages (README "Quarantine"). A release
+    is re-tagged as ham by a person's decision (Store.released) with a fresh marker under
+    this config's secret, so the Maildir watcher and Sieve leave it where it goes."""
+    from datetime import datetime
+
+    from filterd.headers import Tagger, load_secret
     from filterd.store.quarantine import QuarantineError, Store
 
     try:
@@ -254,35 +280,47 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         return EX_CONFIG
     q = config.quarantine
     store = Store(q.store_path(), q.retention_days)
+    problems: list[str] = []
     try:
         if args.action == "list":
-            for e in store.list():
+            entries = store.list(problems)
+            for e in entries:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
                 p = "-" if e.probability is None else f"{e.probability:.4f}"
                 rcpts = ",".join(e.rcpt_tos) or "-"
                 print(f"{e.id}\t{when}\t{p}\t{e.mail_from or '-'}\t{rcpts}\t{e.reason}")
+            if not entries and not problems:  # on stderr: stdout stays empty for scripts
+                _err(f"the quarantine is empty ({store.root})")
         elif args.action == "show":
             e = store.get(args.id)
             for key, value in vars(e).items():
+                if key == "time":
+                    value = datetime.fromtimestamp(value).astimezone().isoformat(timespec="seconds")
                 print(f"{key}: {value}")
         elif args.action == "release":
+            h = config.headers
+            tagger = Tagger(load_secret(h.secret_path()), h.prefix, h.subject_prefix)
+            threshold = 0.5 if config.scoring.threshold is None else config.scoring.threshold
             if args.to:
-                print(store.release_to_maildir(args.id, args.to))
+                print(store.release_to_maildir(args.id, args.to, tagger, threshold))
             elif args.smtp:
                 r = config.relay
-                store.release_smtp(args.id, r.host, r.port, r.timeout_seconds)
+                store.release_smtp(args.id, r.host, r.port, r.timeout_seconds, tagger, threshold)
                 print(f"released {args.id} to {r.host}:{r.port}")
             else:  # stdout cannot confirm it kept the message, so the store keeps it too
-                sys.stdout.buffer.write(store.read(args.id))
+                sys.stdout.buffer.write(store.released(args.id, tagger, threshold))
                 sys.stdout.flush()
         elif args.action == "delete":
             store.delete(args.id)
         else:
-            for qid in store.expire():
+            for qid in store.expire(problems=problems):
                 print(qid)
     except (QuarantineError, OSError) as e:
         _err(str(e))
         return EX_QUARANTINE
+    finally:
+        for problem in problems:
+            _err(f"quarantine: {problem}")
     return 0
 
 
@@ -324,6 +362,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="filterd", description="A local, private spam filter.")
+    top.add_argument("--version", action="version", version=f"filterd {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
     config_help = f"config file (default {DEFAULT_PATH} if it exists, else built-in defaults)"
 
@@ -347,16 +386,24 @@ def parser() -> argparse.ArgumentParser:
 
     quarantine = sub.add_parser("quarantine", help="list, show, release, delete, expire")
     quarantine.add_argument("--config", type=Path, help=config_help)
+    # --config after the action too, as with every other command; SUPPRESS: when absent
+    # there, the action's parser leaves what was given before the action alone.
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
     actions = quarantine.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="held messages, oldest first")
+    actions.add_parser("list", parents=[after], help="held messages, oldest first")
     for name, text in (("show", "details of one message"), ("delete", "delete one message")):
-        actions.add_parser(name, help=text).add_argument("id")
-    release = actions.add_parser("release", help="to stdout (kept), a Maildir or the relay")
+        actions.add_parser(name, parents=[after], help=text).add_argument("id")
+    release = actions.add_parser(
+        "release", parents=[after], help="to stdout (kept), a Maildir or the relay"
+    )
     release.add_argument("id")
     where = release.add_mutually_exclusive_group()
     where.add_argument("--to", type=Path, metavar="MAILDIR", help="deliver into this Maildir")
     where.add_argument("--smtp", action="store_true", help="re-inject to the configured relay")
-    actions.add_parser("expire", help="delete what is older than quarantine.retention_days")
+    actions.add_parser(
+        "expire", parents=[after], help="delete what is older than quarantine.retention_days"
+    )
     quarantine.set_defaults(run=cmd_quarantine)
     return top
 

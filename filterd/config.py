@@ -60,6 +60,9 @@ class Scoring(_Section):
     timeout_seconds: float = Field(30.0, gt=0)
     batch_wait_ms: float = Field(20.0, ge=0, le=1000)
     max_batch: int = Field(16, ge=1, le=1024)
+    # A message with no text at all (empty; only headers, with no Subject) gets this label
+    # without the model; ham, so such mail is tagged and delivered, never lost.
+    no_text: Literal["ham", "spam"] = "ham"
 
     @model_validator(mode="after")
     def _ordered(self) -> Scoring:
@@ -83,7 +86,9 @@ class Headers(_Section):
     """The X-Spam-* headers written by `filterd score --tag` and the daemon."""
 
     prefix: str = Field("X-Spam-", pattern=r"^[!-9;-~]+$")
-    subject_prefix: str = ""  # e.g. "[SPAM] "; off by default: it breaks DKIM signatures
+    # e.g. "[SPAM] "; off by default: it breaks DKIM signatures. No control characters: a
+    # CR or LF here would break every spam message's header or inject fields into it.
+    subject_prefix: str = Field("", pattern=r"^[^\x00-\x1f\x7f]*$")
     secret_file: Path | None = None  # None: <state dir>/secret, created on first use
 
     def secret_path(self) -> Path:

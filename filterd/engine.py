@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,10 +25,12 @@ from filterd.config import Config, ConfigError, PluginChoice
 from filterd.headers import Tagger, load_secret
 from filterd.mail import Mail
 from filterd.model.checkpoint import checkpoint_path
-from filterd.model.classifier import Scorer, load_classifier
+from filterd.model.classifier import Progress, Scorer, load_classifier
 from filterd.model.scoring_process import ProcessClassifier
 from filterd.plugin_api import Action, Check, Context, Decision, Outcome
 from filterd.verdict import Verdict, action_for
+
+log = logging.getLogger("filterd.engine")
 
 ACTIONS = ("tag", "quarantine", "reject")
 PIPELINE = 2  # micro-batches with the model at once
@@ -127,8 +130,14 @@ class Engine:
 
     # --- deciding ----------------------------------------------------------------------
 
-    def verdicts(self, mails: Sequence[Mail], classifier: Scorer | None = None) -> list[Verdict]:
-        """Verdicts for a list of messages, scored in length-bucketed micro-batches."""
+    def verdicts(
+        self,
+        mails: Sequence[Mail],
+        classifier: Scorer | None = None,
+        progress: Progress | None = None,
+    ) -> list[Verdict]:
+        """Verdicts for a list of messages, scored in length-bucketed micro-batches;
+        `progress(n)` hears of each group of n done (for a progress bar)."""
         clf = self._classifier if classifier is None else classifier  # one for the whole list
         threshold = self.threshold_of(clf)
         scoring = self.config.scoring
@@ -141,8 +150,20 @@ class Engine:
             else:
                 out.append(self._run_checks("pre", mail, None, threshold, clf.name))
         todo = [i for i, v in enumerate(out) if v is None]
-        probabilities = clf.score_messages([mails[i].raw for i in todo]) if todo else []
+        if progress and len(todo) < len(mails):
+            progress(len(mails) - len(todo))
+        probabilities = clf.score_messages([mails[i].raw for i in todo], progress) if todo else []
         for i, p in zip(todo, probabilities, strict=True):
+            if p is None:  # nothing to read: the setting labels it, not a guess of the model
+                spam = scoring.no_text == "spam"
+                out[i] = Verdict(None, spam, "tag", threshold, clf.name, "no_text", "no_text")
+                log.info(
+                    "message_id=%s origin=%s has no text to score: %s (scoring.no_text)",
+                    mails[i].header("Message-ID") or "-",
+                    mails[i].origin or "-",
+                    scoring.no_text,
+                )
+                continue
             action = action_for(p, scoring.quarantine_threshold, scoring.reject_threshold)
             verdict = Verdict(p, p >= threshold, action, threshold, clf.name)
             out[i] = self._run_checks("post", mails[i], verdict, threshold, clf.name) or verdict

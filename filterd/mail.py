@@ -7,6 +7,7 @@ envelope so a released message reaches the recipients it was meant for.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 
@@ -14,6 +15,8 @@ from filterd.headers import header_fields
 
 # Headers are read from this much of the message at most: hostile mail costs bounded work.
 _HEAD_BYTES = 256 * 1024
+# Mail begins with a header field (after an mbox "From " line, if any).
+_FIRST_FIELD = re.compile(rb"(?:From [^\n]*\n)?[\x21-\x39\x3b-\x7e]+[ \t]*:")
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,12 @@ class Mail:
     mail_from: str | None = None  # envelope sender (MAIL FROM); "" is the null sender
     rcpt_tos: tuple[str, ...] = field(default_factory=tuple)
     origin: str = ""  # where it came from, for reports: a path, "-" for stdin, a peer
+
+    @property
+    def has_header(self) -> bool:
+        """Whether it begins as mail does, with a header field: a binary or a bare text
+        piped in by mistake does not, and is worth a warning (it is still scored)."""
+        return _FIRST_FIELD.match(self.raw) is not None
 
     @functools.cached_property
     def _fields(self) -> dict[bytes, bytes]:

@@ -13,6 +13,11 @@ retries, so nothing is lost (at worst it arrives twice).
 Modes: `after_queue` (Postfix content_filter; the MTA already accepted the mail, so the
 daemon turns a reject verdict into quarantine: a refusal would bounce to a possibly forged
 sender) and `before_queue` (smtpd_proxy_filter; reject answers 550 5.7.1 to the client).
+
+Time limits: `timeout_seconds` is idle time only (waiting for the client's next bytes or
+command); `transaction_timeout_seconds` bounds DATA to its answer; `relay.timeout_seconds`
+bounds each step with the next hop. Wherever the next hop may hold a message its client was
+not answered 250 for (the one duplicate path of any relay), a warning names the message.
 """
 
 from __future__ import annotations
@@ -20,15 +25,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import re
 import socket
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
-from pydantic import Field
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from pydantic import Field, ValidationInfo, field_validator
 
 from filterd.config import Config, ConfigError
 from filterd.mail import Mail
@@ -38,7 +46,11 @@ log = logging.getLogger("filterd.smtp")
 
 # RFC 3461 (DSN) parameters aiosmtpd does not know; they go to the next hop unchanged.
 DSN_PARAMS = ("RET", "ENVID", "NOTIFY", "ORCPT")
-_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+END_OF_DATA = b"\r\n.\r\n"
+# reader.read(n) hands over everything buffered, up to n: with this, all of it. Its flow
+# control keeps that to about one socket read (256 KiB), so one turn of the event loop
+# handles at most that much of one client's message.
+_EVERYTHING = sys.maxsize
 _REPLY_LINE = re.compile(r"[0-9]{3}([ -]|$)")
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # A path as nearly every client writes it: <dot-atom@domain>, or the null path <>.
@@ -48,8 +60,21 @@ NEXT_HOP_DOWN = "451 4.4.1 Next hop unavailable, try again later"
 BUSY = "451 4.3.2 Too busy, try again later"
 NOT_SCORED = "451 4.3.0 Message not scored, try again later"
 REJECTED = "550 5.7.1 Message refused as spam"
+TIMED_OUT = "451 4.4.2 Transaction timed out, try again later"
+TOO_MUCH = "552 Error: Too much mail data"
 SHUTTING_DOWN = b"421 4.3.2 filterd shutting down, try again later\r\n"
 TOO_MANY = b"421 4.7.0 Too many connections, try again later\r\n"
+IDLE = b"421 4.4.2 Idle too long, closing connection\r\n"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address reaches this machine only: a loopback IP or localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 class SmtpOptions(Options):
@@ -58,12 +83,32 @@ class SmtpOptions(Options):
     # after_queue: Postfix content_filter (reject not allowed: it would cause backscatter);
     # before_queue: smtpd_proxy_filter (reject answers 550 5.7.1 to the sending client).
     mode: Literal["after_queue", "before_queue"] = "after_queue"
+    # Listening beyond loopback must be asked for: the next hop's reinjection port trusts
+    # loopback, so a proxy others can reach is an open relay. (Before `host`: its check.)
+    allow_remote: bool = False
     host: str = "127.0.0.1"  # loopback: the MTA on this machine is the only client
     port: int = Field(10025, ge=0, le=65535)  # 0: any free port (tests)
     max_message_bytes: int = Field(52_428_800, ge=1024)  # advertised as SIZE; larger: 552
     max_connections: int = Field(100, ge=1)  # more: 421 at connect
     max_queue: int = Field(64, ge=1)  # messages being scored or relayed at once; more: 451
-    timeout_seconds: float = Field(300.0, gt=0)  # an idle client is disconnected
+    timeout_seconds: float = Field(300.0, gt=0)  # idle: waiting for the client; then 421
+    # DATA to its answer (upload, scoring, relaying); past it: 451 (the client retries)
+    transaction_timeout_seconds: float = Field(600.0, gt=0)
+
+    @field_validator("host")
+    @classmethod
+    def _listen_where_meant(cls, host: str, info: ValidationInfo) -> str:
+        """An empty host would listen on every address without a word; any other address
+        beyond loopback needs allow_remote."""
+        if not host.strip():
+            raise ValueError("empty: that listens on every address; name one, e.g. 127.0.0.1")
+        if not info.data.get("allow_remote") and not is_loopback(host):
+            raise ValueError(
+                f"{host} is not a loopback address: set allow_remote: true to listen there "
+                "(firewall it: the next hop trusts mail from filterd, so an exposed proxy is "
+                "an open relay)"
+            )
+        return host
 
 
 class NextHopError(OSError):
@@ -89,35 +134,58 @@ class Reply:
 
 
 def dot_stuffed(message: bytes) -> bytes:
-    """DATA's wire form: leading dots doubled, a final line end, the lone dot."""
-    body = _LEADING_DOT.sub(b"..", message)
+    """DATA's wire form: leading dots doubled (after any LF, so a lenient next hop cannot be
+    fooled by a bare-LF end of data), a final line end, the lone dot."""
+    body = message.replace(b"\n.", b"\n..")
+    if body.startswith(b"."):
+        body = b"." + body
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
     return body + b".\r\n"
 
 
+def _reason(e: BaseException) -> str:
+    """An exception as a log reason, never empty (a TimeoutError's text is)."""
+    return str(e) or type(e).__name__
+
+
 class NextHop:
     """An SMTP client session with the next hop over asyncio streams; every wait is bounded
-    by relay.timeout_seconds, so a slow next hop becomes a 451, never a hung client."""
+    by relay.timeout_seconds, so a slow next hop becomes a 451, never a hung client. Errors
+    name the step that failed: `next hop HOST:PORT: sending the message: ...`."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float):
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        timeout: float,
+        where: str = "",
+    ):
         self.reader = reader
         self.writer = writer
         self.timeout = timeout
+        self.where = where  # host:port, for errors
         self.in_transaction = False  # MAIL accepted and no final DATA answer since
+        self.unanswered = False  # a whole message was handed over, no answer yet
 
     @classmethod
     async def connect(cls, host: str, port: int, timeout: float, helo: str) -> NextHop:
+        where = f"{host}:{port}"
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        except (OSError, TimeoutError) as e:
-            raise NextHopError(f"{host}:{port}: {e or 'connect timed out'}") from e
-        hop = cls(reader, writer, timeout)
+        except TimeoutError:
+            why = f"no answer within {timeout:g} s"
+            raise NextHopError(f"next hop {where}: connecting: {why}") from None
+        except OSError as e:
+            raise NextHopError(f"next hop {where}: connecting: {_reason(e)}") from e
+        hop = cls(reader, writer, timeout, where)
         try:
-            for command, expected in ((None, 220), (f"EHLO {helo}", 250)):
-                reply = await (hop.reply() if command is None else hop.command(command))
-                if reply.code != expected:
-                    raise NextHopError(f"{host}:{port} answered {reply}")
+            greeting = await hop.reply("waiting for its greeting")
+            if greeting.code != 220:
+                raise NextHopError(f"next hop {where}: greeted {greeting}")
+            hello = await hop.command(f"EHLO {helo}")
+            if hello.code != 250:
+                raise NextHopError(f"next hop {where}: answered EHLO {hello}")
         except NextHopError:
             hop.abort()
             raise
@@ -127,44 +195,60 @@ class NextHop:
     def closed(self) -> bool:
         return self.writer.is_closing() or self.reader.at_eof()
 
-    async def reply(self) -> Reply:
+    @property
+    def may_hold(self) -> bool:
+        """Whether the next hop may have taken a message we have no answer for: all of it,
+        final dot included, left our buffer for the kernel's."""
+        return self.unanswered and not self.writer.transport.get_write_buffer_size()
+
+    def _error(self, step: str, why: str) -> NextHopError:
+        return NextHopError(f"next hop {self.where}: {step}: {why}")
+
+    async def reply(self, step: str = "waiting for an answer") -> Reply:
+        """One (multi-line) reply; `step` says what it answers, for errors."""
         lines = []
         try:
             async with asyncio.timeout(self.timeout):
                 while True:
                     raw = await self.reader.readline()
                     line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+                    if not raw:
+                        raise self._error(step, "connection closed")
                     if not raw.endswith(b"\n") or not _REPLY_LINE.match(line):
-                        raise NextHopError(f"connection closed or garbled answer {line!r}")
+                        raise self._error(step, f"garbled answer {line!r}")
                     lines.append(line[4:])
                     if line[3:4] != "-":
                         return Reply(int(line[:3]), tuple(lines))
         except TimeoutError:
-            raise NextHopError(f"no answer within {self.timeout:g} s") from None
+            raise self._error(step, f"no answer within {self.timeout:g} s") from None
         except (OSError, ValueError) as e:  # ValueError: a line over the stream limit
-            raise NextHopError(f"reading the answer: {e}") from e
+            raise self._error(step, _reason(e)) from e
 
     async def command(self, line: str) -> Reply:
-        await self._send(line.encode("utf-8", "surrogateescape") + b"\r\n")
-        return await self.reply()
+        verb = line[:4]  # MAIL, RCPT, DATA, ...
+        await self._send(line.encode("utf-8", "surrogateescape") + b"\r\n", f"sending {verb}")
+        return await self.reply(f"waiting for the answer to {verb}")
 
     async def data(self, message: bytes) -> Reply:
         """DATA, the message, its final answer; ends the transaction whatever that says."""
         go = await self.command("DATA")
         if go.code != 354:
             return go
-        await self._send(dot_stuffed(message))
-        reply = await self.reply()
-        self.in_transaction = False
+        await self._send(dot_stuffed(message), "sending the message")
+        self.unanswered = True  # drained: the rest (the dot last) is with the kernel or soon
+        reply = await self.reply("waiting for the answer to the message")
+        self.in_transaction = self.unanswered = False
         return reply
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes, step: str) -> None:
         try:
             self.writer.write(data)
             async with asyncio.timeout(self.timeout):
                 await self.writer.drain()
-        except (OSError, TimeoutError) as e:
-            raise NextHopError(f"sending: {e or 'timed out'}") from e
+        except TimeoutError:
+            raise self._error(step, f"not taken within {self.timeout:g} s") from None
+        except OSError as e:
+            raise self._error(step, _reason(e)) from e
 
     async def quit(self) -> None:
         with contextlib.suppress(NextHopError):
@@ -172,8 +256,11 @@ class NextHop:
         self.abort()
 
     def abort(self) -> None:
-        """Drop the connection: a transaction in progress is discarded by the next hop."""
-        self.writer.close()
+        """Drop the connection at once, unsent bytes with it: a message cut short can never
+        reach the next hop whole, and its transaction is discarded there."""
+        if self.writer.transport.get_write_buffer_size():
+            self.unanswered = False  # its final dot never left
+        self.writer.transport.abort()
 
 
 class _Connection(SMTP):
@@ -185,6 +272,7 @@ class _Connection(SMTP):
         self.hop: NextHop | None = None
         self.arg = ""  # the current MAIL or RCPT command's argument, as the client wrote it
         self.refused = False
+        self.deadline = 0.0  # loop time at which the current DATA's transaction times out
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         refusal = self.proxy.refusal()
@@ -203,21 +291,119 @@ class _Connection(SMTP):
         self.drop_hop()
         super().connection_lost(error)
 
-    def shut(self) -> None:
-        """Say 421 and close: a client mid-transaction keeps its message and retries."""
+    def shut(self, reply: bytes = SHUTTING_DOWN) -> None:
+        """Say 421 (or `reply`) and close: a client mid-transaction keeps its message and
+        retries. Nothing the client sent after this is read as a command: aiosmtpd's command
+        loop ends once the transport is None, and the close may wait on a slow reader."""
         if self.transport is not None:
-            self.transport.write(SHUTTING_DOWN)  # type: ignore[attr-defined]
+            self.transport.write(reply)  # type: ignore[attr-defined]
             self.transport.close()
+            self.transport = None
+
+    def _timeout_cb(self) -> None:
+        """Idle for timeout_seconds: say so (421) before closing, as Postfix does."""
+        self.shut(IDLE)
+
+    @contextlib.contextmanager
+    def _client_waits(self) -> Iterator[None]:
+        """While a command is worked on (the next hop, scoring), the client waits for us:
+        that is not idle time, so the idle timer stops until our answer is sent."""
+        assert self._timeout_handle is not None
+        self._timeout_handle.cancel()
+        try:
+            yield
+        finally:
+            if self.transport is not None:
+                self._reset_timeout()
 
     # aiosmtpd upper-cases parameters (changing ENVID and ORCPT values) and refuses the ones
     # it does not know: keep the client's line for the next hop, and let DSN's through.
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
+        if self.proxy.stopping:  # SIGTERM: not busy but going; the client retries elsewhere
+            self.shut()
+            return
         self.arg = arg or ""
-        await super().smtp_MAIL(arg)
+        with self._client_waits():
+            await super().smtp_MAIL(arg)
 
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         self.arg = arg or ""
-        await super().smtp_RCPT(arg)
+        with self._client_waits():
+            await super().smtp_RCPT(arg)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        """aiosmtpd's DATA with the message read in chunks (see read_message), and with
+        `transaction_timeout_seconds` from here to the answer."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        self.deadline = self.loop.time() + self.proxy.settings.transaction_timeout_seconds
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                message = await self.read_message()
+        except TimeoutError:  # still sending: the rest of the stream cannot be followed
+            log.warning(
+                "peer=%s still sending its message after transaction_timeout_seconds (%g s): "
+                "451 and disconnected (it keeps the message)",
+                _peer(self.session),
+                self.proxy.settings.transaction_timeout_seconds,
+            )
+            self.shut(TIMED_OUT.encode() + b"\r\n")
+            return
+        with self._client_waits():
+            if message is None:
+                status = TOO_MUCH
+            else:
+                self.envelope.content = self.envelope.original_content = message
+                status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()
+            await self.push(status)
+
+    async def read_message(self) -> bytes | None:
+        """The message after 354, up to the lone dot, dots unstuffed; None if it is over
+        data_size_limit (read to its end all the same, then 552, as aiosmtpd does).
+
+        aiosmtpd reads DATA one line per call (40 MB of 3-byte lines took 53 s, and a loop
+        turn handled up to 256 KiB of them, so other clients waited seconds) and refuses
+        lines over 998 characters with a permanent 500 (real mail has them). Here each
+        arrival is taken whole and searched for the end in C, and lines of any length pass.
+        As in aiosmtpd, only CRLF . CRLF ends the message and only a dot after CRLF is
+        unstuffed, so bare CR or LF cannot smuggle a second message in. Bytes after the end
+        (pipelined commands) go back to the reader. Every arrival restarts the idle timer."""
+        limit = self.data_size_limit
+        buffer = bytearray(b"\r\n")  # DATA's own line end: a lone dot first ends it too
+        dropped = 0  # bytes cut from the buffer's front: a message over the limit
+        start = 0
+        while (end := buffer.find(END_OF_DATA, start)) < 0:
+            start = max(len(buffer) - len(END_OF_DATA) + 1, 0)  # where an end may begin
+            if limit and dropped + start > limit:  # too big whatever follows: keep no more
+                dropped += start
+                del buffer[:start]
+                start = 0
+            chunk = await self._reader.read(_EVERYTHING)
+            if not chunk:  # EOF cancels this task first; in case it did not
+                raise ConnectionResetError("connection closed during DATA")
+            self._reset_timeout()
+            buffer += chunk
+        rest = bytes(buffer[end + len(END_OF_DATA) :])
+        if rest:
+            self._reader.feed_data(rest)  # the next commands: nothing else is buffered
+        if limit and dropped + end > limit:  # dropped + end: the message's length
+            return None
+        del buffer[end + 2 :]
+        if b"\r\n." in buffer:
+            buffer = buffer.replace(b"\r\n.", b"\r\n")
+        return bytes(memoryview(buffer)[2:])
 
     def client_params(self, options: list[str]) -> str:
         """The command's parameters as the client wrote them (`options`, upper-cased by
@@ -282,6 +468,25 @@ def _address(address: str) -> str:
     return "" if address == "<>" else address  # aiosmtpd's null sender
 
 
+def _peer(session: Session | None) -> str:
+    peer = None if session is None else session.peer
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+def unconfirmed(mail: Mail, holder: str, why: str) -> None:
+    """The one duplicate path of any relay, logged wherever it opens: `holder` (the next
+    hop, the quarantine) may have the message while its client was not told 250, so the
+    client sends it again."""
+    log.warning(
+        "message_id=%s peer=%s: %s may hold this message but its client was not told it "
+        "was taken (%s); if the client sends it again, it arrives twice",
+        mail.header("Message-ID") or "-",
+        mail.origin,
+        holder,
+        why,
+    )
+
+
 class SmtpProxy(Source):
     """The listening side: the server socket, the limits, and a drain on stop. Each
     message goes to the handler (checks, model, action) and the client is answered with
@@ -321,6 +526,17 @@ class SmtpProxy(Source):
             where = self.where or "smtp"
             raise ConfigError(f"{where}.host, {where}.port: cannot listen: {e}") from e
         self.port = self._server.sockets[0].getsockname()[1]
+        bound = [sock.getsockname()[0] for sock in self._server.sockets]
+        exposed = [address for address in bound if not is_loopback(address)]
+        if exposed:
+            log.warning(
+                "source=%s listening beyond loopback on %s (allow_remote): the next hop "
+                "trusts mail from filterd, so anyone reaching port %d can relay through it "
+                "(an open relay) unless a firewall stops them",
+                self.name or "smtp",
+                ", ".join(exposed),
+                self.port,
+            )
         relay = self.config.relay
         log.info(
             "source=%s listening on %s:%d mode=%s next_hop=%s:%d",
@@ -343,7 +559,8 @@ class SmtpProxy(Source):
         )
 
     async def stop_accepting(self) -> None:
-        """Close the listening socket; new commands on open connections get 451 (busy)."""
+        """Close the listening socket; a new MAIL on an open connection gets 421 and the
+        connection ends, while transactions already begun carry on."""
         self.stopping = True
         if self._server is not None:
             self._server.close()
@@ -371,7 +588,7 @@ class SmtpProxy(Source):
         return None
 
     def _busy(self) -> bool:
-        return self.stopping or self.in_flight >= self.settings.max_queue
+        return self.in_flight >= self.settings.max_queue
 
     # --- aiosmtpd hooks: each answers the client with the next hop's own reply ------------
 
@@ -391,7 +608,7 @@ class SmtpProxy(Source):
                 f"MAIL FROM:<{_address(address)}>{server.client_params(options)}"
             )
         except NextHopError as e:
-            log.warning("next hop: %s", e)
+            log.warning("%s", e)
             return NEXT_HOP_DOWN
         if reply.code // 100 == 2:
             envelope.mail_from = address
@@ -407,7 +624,7 @@ class SmtpProxy(Source):
         try:
             reply = await hop.command(f"RCPT TO:<{address}>{server.client_params(options)}")
         except NextHopError as e:
-            log.warning("next hop: %s", e)
+            log.warning("%s", e)
             server.drop_hop()
             return NEXT_HOP_DOWN
         if reply.code // 100 == 2:
@@ -439,35 +656,64 @@ class SmtpProxy(Source):
     async def _data(
         self, server: _Connection, hop: NextHop, session: Session, envelope: Envelope
     ) -> str:
+        """Score, act, answer, all within the transaction's deadline; one log line each."""
         began = time.monotonic()
-        peer = session.peer
         mail = Mail(
             envelope.original_content or b"",
             _address(envelope.mail_from or ""),
             tuple(envelope.rcpt_tos),
-            origin=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
+            origin=_peer(session),
         )
         assert self._handle is not None and self._context is not None
-        outcome = await self._handle(mail, can_reject=self.settings.mode == "before_queue")
-        if outcome.disposition == "quarantine":
-            outcome = await self._hold(mail, outcome, self._context)
-        answer = await self._answer(server, hop, outcome)
-        verdict = outcome.verdict
+        outcome: Outcome | None = None
+        answer, holder = "-", ""  # holder: who may have the message before our answer
+        try:
+            async with asyncio.timeout_at(server.deadline):
+                outcome = await self._handle(mail, can_reject=self.settings.mode == "before_queue")
+                if outcome.disposition == "quarantine":
+                    holder = "the quarantine"  # its write goes on in a thread if we stop
+                    outcome = await self._hold(mail, outcome, self._context)
+                    holder = ""
+                answer = await self._answer(server, hop, mail, outcome)
+        except TimeoutError:
+            answer = TIMED_OUT
+            why = f"transaction_timeout_seconds ({self.settings.transaction_timeout_seconds:g} s)"
+            holder = holder or ("the next hop" if hop.may_hold else "")
+            if holder:
+                unconfirmed(mail, holder, f"{why} ran out waiting for its answer")
+            server.drop_hop()  # a message half sent is discarded, never completed
+            outcome = dataclasses.replace(outcome or Outcome("tempfail"), note=f"{why} ran out")
+        except asyncio.CancelledError:  # the client went away (or the daemon stopped)
+            holder = holder or ("the next hop" if hop.may_hold else "")
+            if holder:
+                unconfirmed(mail, holder, "the client's connection ended before our answer")
+            raise
+        finally:
+            self._log(mail, outcome, answer, began)
+        return answer
+
+    @staticmethod
+    def _log(mail: Mail, outcome: Outcome | None, answer: str, began: float) -> None:
+        """The line per message: label ham/spam ("-" unscored), the model's score ("-" when
+        a check or an existing marker decided, and then decided_by says which)."""
+        verdict = None if outcome is None else outcome.verdict
         p = None if verdict is None else verdict.probability
+        decided_by = "model" if verdict is None else verdict.decided_by
         log.info(
-            "source=smtp message_id=%s peer=%s from=<%s> rcpts=%d score=%s action=%s reply=%s "
-            "latency_ms=%.0f note=%s",
+            "source=smtp message_id=%s peer=%s from=<%s> rcpts=%d label=%s%s score=%s action=%s "
+            "reply=%s latency_ms=%.0f note=%s",
             mail.header("Message-ID") or "-",
             mail.origin,
             mail.mail_from,
             len(mail.rcpt_tos),
-            "-" if p is None else f"{p:.4f}",
+            verdict.label if verdict else "-",
+            "" if decided_by == "model" else f" decided_by={decided_by}",
+            "-" if p is None or decided_by != "model" else f"{p:.4f}",
             verdict.action if verdict else "unscored",
             answer[:3],
             (time.monotonic() - began) * 1000,
-            outcome.note or "-",
+            (outcome.note if outcome else "") or "-",
         )
-        return answer
 
     @staticmethod
     async def _hold(mail: Mail, outcome: Outcome, context: Context) -> Outcome:
@@ -479,7 +725,7 @@ class SmtpProxy(Source):
             return context.failure(mail, f"quarantine failed: {type(e).__name__}: {e}")
         return dataclasses.replace(outcome, note=qid)
 
-    async def _answer(self, server: _Connection, hop: NextHop, outcome: Outcome) -> str:
+    async def _answer(self, server: _Connection, hop: NextHop, mail: Mail, outcome: Outcome) -> str:
         """The client's answer to DATA: given once the next hop or the quarantine has it."""
         if outcome.disposition == "quarantine":
             return "250 2.0.0 Ok: held"
@@ -490,7 +736,9 @@ class SmtpProxy(Source):
         try:
             reply = await hop.data(outcome.data)
         except NextHopError as e:
-            log.warning("next hop took the message but gave no answer: %s", e)
+            log.warning("%s", e)
+            if hop.may_hold:
+                unconfirmed(mail, "the next hop", str(e))
             server.drop_hop()
             return NEXT_HOP_DOWN
         return reply.for_client()

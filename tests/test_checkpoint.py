@@ -1,4 +1,5 @@
 import json
+import logging
 import struct
 
 import pytest
@@ -114,7 +115,10 @@ def test_missing_file_is_a_clear_error(tmp_path):
     [
         ({"config": {"n_layer": 3, "n_head": 2, "n_embd": 64, "n_positions": 512}}, "match"),
         ({"config": {"n_layer": 2, "n_head": 3, "n_embd": 64, "n_positions": 512}}, "architecture"),
-        ({"text_version": TEXT_VERSION + 1}, "text extraction"),
+        ({"text_version": TEXT_VERSION + 1}, f"text extraction v{TEXT_VERSION + 1}, newer than"),
+        ({"text_version": 0}, "text extraction version 0 is not a version"),
+        ({"text_version": str(TEXT_VERSION)}, f"version '{TEXT_VERSION}' is not a version"),
+        ({"text_version": True}, "text extraction version True is not a version"),
         ({"tokenizer": "cl100k"}, "tokenizer"),
         ({"labels": ["spam", "ham"]}, "labels"),
         ({"threshold": 1.5}, "threshold"),
@@ -128,3 +132,38 @@ def test_mismatched_metadata_is_rejected(tmp_path, tiny_model, change, message):
     _rewrite_meta(path, **change)
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_from_an_older_text_extraction_loads_scores_and_says_so(
+    tmp_path, tiny_model, caplog
+):
+    """An upgrade that changes the text extraction must not stop a running filter: the
+    checkpoint of the version before (v2 against v3) scores with today's text, and the log
+    says that retraining aligns them."""
+    older = TEXT_VERSION - 1
+    path = save_checkpoint(tmp_path, tiny_model, _meta(tiny_model))
+    current = filterd.load_classifier(path).score_message(b"Subject: hi\n\nhello there")
+    _rewrite_meta(path, text_version=older)
+    with caplog.at_level(logging.WARNING, logger="filterd"):
+        clf = filterd.load_classifier(path)
+    assert clf.meta.text_version == older
+    assert clf.score_message(b"Subject: hi\n\nhello there") == pytest.approx(current)
+    [note] = [r for r in caplog.records if r.name == "filterd"]
+    assert note.levelno == logging.WARNING
+    message = note.getMessage()
+    assert "\n" not in message
+    assert f"text extraction v{older}, this filterd extracts v{TEXT_VERSION}" in message
+    assert f"filterd-train --init {path}" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="filterd"):
+        load_checkpoint(path, retrain=True)  # retraining is what the note asks for: no note
+        _rewrite_meta(path, text_version=TEXT_VERSION)
+        load_checkpoint(path)
+    assert not caplog.records
+
+
+def test_retraining_accepts_any_text_version(tmp_path, tiny_model):
+    path = save_checkpoint(tmp_path, tiny_model, _meta(tiny_model))
+    for version in (1, TEXT_VERSION + 1):
+        _rewrite_meta(path, text_version=version)
+        assert load_checkpoint(path, retrain=True).meta.text_version == version

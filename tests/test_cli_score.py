@@ -99,7 +99,7 @@ def test_tag_is_byte_exact_and_never_scores_twice(monkeypatch, capsysbinary, spa
     head, rest = CRLF_MBOX.split(b"\r\n", 1)
     assert tagged.startswith(head + b"\r\nX-Spam-Flag: YES\r\nX-Spam-Status: Yes, score=9.9 ")
     assert tagged.endswith(rest.replace(b"X-Spam-Flag: NO\r\n", b""))
-    assert tagged.count(b"X-Spam-") == 5 and b"\r\nX-Spam-Marker: v1 " in tagged
+    assert tagged.count(b"X-Spam-") == 5 and b"\r\nX-Spam-Marker: v2 " in tagged
     code, again, _ = run(
         monkeypatch, capsysbinary, ["score", "--tag", "--checkpoint", ham_ck], tagged
     )
@@ -166,12 +166,18 @@ def test_quarantine_commands(tmp_path, monkeypatch, capsysbinary):
     assert code == 0 and out.startswith(qid.encode() + b"\t") and b"s@example.org" in out
     code, out, _ = run(monkeypatch, capsysbinary, ["quarantine", "show", qid])
     assert code == 0 and b"rcpt_tos: ['r@example.org']" in out
+    # Released re-tagged as ham by a person: no forged Flag, a status naming the release.
+    head, rest = CRLF_MBOX.split(b"\r\n", 1)
     code, out, _ = run(monkeypatch, capsysbinary, ["quarantine", "release", qid])
-    assert (code, out) == (0, CRLF_MBOX) and store.read(qid) == CRLF_MBOX  # stdout: kept
+    assert code == 0 and store.read(qid) == CRLF_MBOX  # stdout: the store keeps it
+    assert b"X-Spam-Flag" not in out and f"released={qid}".encode() in out
+    assert out.startswith(head + b"\r\nX-Spam-Status: No, ")
+    assert out.endswith(rest.replace(b"X-Spam-Flag: NO\r\n", b""))
+    released = out
     code, out, _ = run(
         monkeypatch, capsysbinary, ["quarantine", "release", qid, "--to", tmp_path / "in"]
     )
-    assert code == 0 and Path(out.decode().strip()).read_bytes() == CRLF_MBOX
+    assert code == 0 and Path(out.decode().strip()).read_bytes() == released
     assert store.list() == []
     code, _, err = run(monkeypatch, capsysbinary, ["quarantine", "show", "../../etc/passwd"])
     assert code == 5 and "not a quarantine ID" in err

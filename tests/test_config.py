@@ -61,6 +61,12 @@ def test_missing_default_file_means_defaults_but_a_named_one_is_an_error(tmp_pat
         ),
         ("scoring:\n  failure_policy: drop\n", r"scoring\.failure_policy: .*fail_open"),
         ("headers:\n  prefix: 'X Spam:'\n", r"headers\.prefix: String should match"),
+        ("headers:\n  subject_prefix: |\n    [SPAM]\n", r"headers\.subject_prefix: String should"),
+        (
+            'headers:\n  subject_prefix: "[SPAM]\\r\\nBcc: x@example.org "\n',
+            r"headers\.subject_prefix: String should match",
+        ),
+        ('headers:\n  subject_prefix: "a\\tb"\n', r"headers\.subject_prefix: String should"),
         ("checks:\n  - options: {}\n", r"checks\.0\.name: Field required"),
         ("- a list\n", "mapping of settings"),
         ("scoring: [\n", "cannot read config"),
@@ -113,3 +119,21 @@ def test_an_old_section_beside_its_new_entry_is_an_error(tmp_path):
     path.write_text("smtp: {enabled: true}\nsources: [{name: smtp}]\n")
     with pytest.raises(ConfigError, match="smtp: set it as a `smtp` entry of sources only"):
         load_config(path)
+
+
+def test_config_yaml_documents_every_builtin_source_option_with_its_default():
+    """The commented `sources:` example lists each built-in source's options: the same
+    names as the plugin's schema, with its defaults (paths, which has none, aside)."""
+    from filterd.builtin.maildir_source import MaildirOptions
+    from filterd.builtin.smtp_proxy import SmtpOptions
+
+    text = CONFIG_YAML.read_text()
+    block = text[text.index("#   sources:") : text.index("\nsources:")]
+    example = yaml.safe_load("\n".join(line[2:] for line in block.splitlines()))
+    documented = {entry["name"]: entry["options"] for entry in example["sources"]}
+    for name, schema in (("smtp", SmtpOptions), ("maildir", MaildirOptions)):
+        assert set(documented[name]) == set(schema.model_fields), name
+        defaults = schema.model_construct().model_dump()
+        for key, value in documented[name].items():
+            if key != "paths":
+                assert value == defaults[key], (name, key)

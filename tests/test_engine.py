@@ -85,7 +85,7 @@ class Counting:
         self.closed = False
         self._lock = threading.Lock()
 
-    def score_messages(self, raws):
+    def score_messages(self, raws, progress=None):
         assert not self.closed, "scored after close()"
         self.thread = threading.current_thread().name
         with self._lock:
@@ -187,7 +187,7 @@ def test_timeout_and_failure_policies(tmp_path):
 
 def test_model_error_reaches_every_waiter():
     class Broken(Counting):
-        def score_messages(self, raws):
+        def score_messages(self, raws, progress=None):
             raise RuntimeError("out of memory")
 
     engine = Engine(Broken(), config(batch_wait_ms=10))

@@ -13,13 +13,14 @@ from __future__ import annotations
 import base64
 import os
 import random
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from filterd.model.tokenizer import gpt2_encoding, gpt2_tokenizer
-from filterd.text import TEXT_VERSION, message_text, normalize_text
+from filterd.text import TEXT_VERSION, TextLimits, head_and_tail, message_text, normalize_text
 from filterd.text.plain import _CONFUSABLE_FROM as LOOKALIKES
 from filterd.text.plain import _CONFUSABLE_TO as LATIN
 
@@ -47,8 +48,8 @@ def assert_payload_seen(raw: bytes, payload: str = PAYLOAD) -> str:
     return text
 
 
-def test_text_version_was_bumped_for_the_new_folding():
-    assert TEXT_VERSION == 2
+def test_text_version_was_bumped_for_the_new_byte_cap():
+    assert TEXT_VERSION == 3
 
 
 # ------------------------------------------------------------------------------------------
@@ -225,6 +226,157 @@ def test_payload_nested_past_the_depth_cap():
             [f'Content-Type: multipart/mixed; boundary="n{i}"'], f"--n{i}\r\n".encode() + raw
         )
     assert_payload_seen(raw)
+
+
+# ------------------------------------------------------------------------------------------
+# the byte cap (limits.max_bytes, 2 MB): what lies around the cut points must survive it
+
+LAST = "LAST CHANCE casino-bonus.example claim your prize"
+ZIP = 'Content-Type: application/zip; name="a.zip"\r\nContent-Transfer-Encoding: base64'
+HTML = "Content-Type: text/html; charset=utf-8"
+
+
+def attachment(size: int) -> bytes:
+    """size bytes of base64 lines (CRLF), of bytes that are no text."""
+    lines = base64.encodebytes(bytes(range(256)) * (size * 3 // 4 // 256 + 1)).splitlines()
+    return b"\r\n".join(lines)[:size].rsplit(b"\r\n", 1)[0] + b"\r\n"
+
+
+def html_part(size: int, first: str = "", last: str = PAYLOAD) -> bytes:
+    """size bytes of harmless HTML paragraphs, first and last in their own paragraphs."""
+    filler = f"<p>{HARMLESS}</p>\r\n".encode()
+    return (
+        f"<html><body><p>{first}</p>\r\n".encode()
+        + filler * (size // len(filler))
+        + f"<p>{last}</p></body></html>\r\n".encode()
+    )
+
+
+def parts(boundary: str, entities: list[tuple[str, bytes]]) -> bytes:
+    """A multipart body: each entity is (header lines, body ending in a line break)."""
+    body = b"".join(f"--{boundary}\r\n{h}\r\n\r\n".encode() + b for h, b in entities)
+    return body + f"--{boundary}--\r\n".encode()
+
+
+def nested(boundary: str, entities: list, subtype: str = "mixed") -> tuple[str, bytes]:
+    """A multipart entity to put inside another."""
+    return f'Content-Type: multipart/{subtype}; boundary="{boundary}"', parts(boundary, entities)
+
+
+def multipart(boundary: str, entities: list, headers: list[str] = ()) -> bytes:
+    ctype, body = nested(boundary, entities)
+    return mail([*headers, ctype], body)
+
+
+def assert_no_base64(text: str) -> None:
+    """Nothing of the attachment is read as text (a base64 line is 76 characters)."""
+    assert not re.search(r"[A-Za-z0-9+/]{40,}", text), re.search(r"[A-Za-z0-9+/]{40,}", text)
+
+
+@pytest.mark.parametrize("size", [2_100_000, 5_000_000])
+def test_a_line_longer_than_the_cut_keeps_its_head_and_tail(size):
+    """One body line spanning both cut points used to be dropped whole (the model read the
+    Subject alone); now it keeps its first 3/4 and last 1/4 like the message."""
+    line = f"{PAYLOAD} " + HARMLESS * (size // len(HARMLESS)) + LAST
+    raw = mail(["Subject: your order"], line + "\r\n")
+    assert len(raw) > size
+    text = assert_payload_seen(raw)
+    assert_payload_seen(raw, LAST)
+    assert text.startswith(f"Subject: your order\n\n{PAYLOAD}")
+
+
+def test_a_base64_line_longer_than_the_cut_decodes_at_both_ends():
+    """The two ends of a long line are cut at multiples of 4 bytes from its start, so a
+    one-line base64 body still decodes on both sides of the cut."""
+    text = f"{PAYLOAD} " + HARMLESS * (2_400_000 // len(HARMLESS)) + LAST
+    raw = mail(["Content-Transfer-Encoding: base64"], base64.b64encode(text.encode()))
+    assert_payload_seen(raw)
+    assert_payload_seen(raw, LAST)
+
+
+def test_html_part_behind_a_big_attachment_keeps_its_header():
+    """1.9 MB of base64 zip, then a 0.6 MB HTML part: the tail starts inside the HTML part,
+    whose header lay in the cut middle. It used to be glued onto the zip (p 0.57 against
+    0.9965 for the HTML part alone, from a trained gpt2); now it is read as HTML."""
+    raw = multipart("b", [(ZIP, attachment(1_900_000)), (HTML, html_part(600_000))])
+    text = assert_payload_seen(raw)
+    assert "[attachment: a.zip]" in text
+    assert "<p>" not in text and HARMLESS.strip() in text  # rendered, not markup
+    assert_no_base64(text)
+    # What the scoring process sends its child reads the same, and clipping again is a no-op.
+    clip = head_and_tail(raw, TextLimits().max_bytes)
+    assert len(clip) <= TextLimits().max_bytes
+    assert head_and_tail(clip, TextLimits().max_bytes) == clip
+    assert message_text(clip) == text
+
+
+def test_html_part_before_a_big_attachment():
+    raw = multipart("b", [(HTML, html_part(600_000, first=LAST)), (ZIP, attachment(1_900_000))])
+    text = assert_payload_seen(raw)
+    assert_payload_seen(raw, LAST)
+    assert "[attachment: a.zip]" in text
+    assert_no_base64(text)
+
+
+def test_html_part_between_two_attachments_in_the_kept_bytes():
+    """The head ends in the first zip, the tail starts in the second: the HTML part lies
+    wholly in the tail, and the second zip is read as an attachment again."""
+    parts = [(ZIP, attachment(1_900_000)), (HTML, html_part(100_000)), (ZIP, attachment(300_000))]
+    text = assert_payload_seen(multipart("b", parts))
+    assert text.count("[attachment: a.zip]") >= 2
+    assert_no_base64(text)
+
+
+NESTED = {
+    # the text part in a multipart/alternative, its plain version in the cut middle
+    "alternative": lambda: multipart(
+        "b",
+        [
+            (ZIP, attachment(1_900_000)),
+            nested(
+                "alt",
+                [("Content-Type: text/plain", b"harmless plain\r\n"), (HTML, html_part(600_000))],
+                "alternative",
+            ),
+        ],
+    ),
+    # the attachment in one branch, the text part in another
+    "two-branches": lambda: multipart(
+        "outer",
+        [
+            nested("z", [(ZIP, attachment(1_900_000))]),
+            nested("rel", [(HTML, html_part(600_000))], "related"),
+        ],
+    ),
+    # a forwarded message whose own body is a multipart holding the HTML part
+    "forwarded": lambda: multipart(
+        "b",
+        [
+            (ZIP, attachment(1_900_000)),
+            ("Content-Type: message/rfc822", multipart("fw", [(HTML, html_part(600_000))])),
+        ],
+    ),
+    # the attachment and the HTML part are siblings three levels down
+    "three-deep": lambda: multipart(
+        "l1",
+        [
+            ("Content-Type: text/plain", b"hello\r\n"),
+            nested(
+                "l2", [nested("l3", [(ZIP, attachment(1_900_000)), (HTML, html_part(600_000))])]
+            ),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NESTED))
+def test_html_part_behind_a_big_attachment_in_nested_multiparts(case):
+    raw = NESTED[case]()
+    assert len(raw) > 2_400_000
+    text = assert_payload_seen(raw)
+    assert "[attachment: a.zip]" in text
+    assert "<p>" not in text
+    assert_no_base64(text)
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ a real MTA does; bytes it got without saying 250 are kept apart in `not_accepted
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -30,6 +31,7 @@ from filterd.daemon import Reloader
 from filterd.engine import Engine
 from filterd.model.checkpoint import checkpoint_path
 from filterd.model.classifier import load_classifier
+from filterd.plugin_api import Outcome
 from filterd.store import maildir
 from filterd.store.quarantine import Store
 from tests.test_daemon import Daemon, settings, wait_until
@@ -52,6 +54,7 @@ class FaultHop:
         self.delivered_at: list[float] = []
         self.not_accepted: list[bytes] = []  # DATA bytes it got but never said 250 for
         self.stalled = threading.Event()
+        self.answer_delay = 0.5  # slow_250's wait before its 250; stop_reading's pause
         self.sessions_ended = 0
         self.loop = asyncio.new_event_loop()
         self.port = 0
@@ -59,7 +62,9 @@ class FaultHop:
     async def _stall(self, reader: asyncio.StreamReader, got: bytes) -> None:
         """Never answer; when the other side goes away, keep what came as not accepted."""
         self.stalled.set()
-        got += await reader.read()  # until EOF
+        with contextlib.suppress(ConnectionError):  # a reset ends it as EOF does
+            while chunk := await reader.read(1 << 20):
+                got += chunk
         if got:
             self.not_accepted.append(got)
 
@@ -87,6 +92,13 @@ class FaultHop:
                 else:
                     writer.write(b"354 go\r\n")
                     await writer.drain()
+                    if fault == "stop_reading":  # takes nothing for a while, then the rest
+                        self.stalled.set()
+                        writer.transport.pause_reading()
+                        await asyncio.sleep(self.answer_delay)
+                        writer.transport.resume_reading()
+                        await self._stall(reader, b"")
+                        break
                     if fault in ("close_mid_data", "hang_mid_data"):
                         part = await reader.readexactly(65536 if fault == "hang_mid_data" else 10)
                         if fault == "hang_mid_data":
@@ -102,7 +114,7 @@ class FaultHop:
                         self.delivered.append(data)
                         self.delivered_at.append(time.monotonic())
                         self.stalled.set()
-                        await asyncio.sleep(0.5)
+                        await asyncio.sleep(self.answer_delay)
                         writer.write(b"250 queued\r\n")
                     elif fault in ("close_after_dot", "final_550"):
                         self.not_accepted.append(data)
@@ -193,6 +205,117 @@ def test_next_hop_going_away_refusing_or_hanging_never_gets_250(tmp_path, hop):
     wait_until(lambda: len(hop.not_accepted) == 4, timeout=10, context=lambda: hop.not_accepted)
 
 
+def warnings_about(caplog, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and text in r.getMessage()
+    ]
+
+
+def test_a_relay_that_stops_reading_is_logged_as_such_and_never_completes_the_message(
+    tmp_path, hop, caplog
+):
+    """The next hop takes nothing of the message within relay.timeout_seconds: the log says
+    which step failed and why (before: `next hop took the message but gave no answer:
+    sending: `, empty and wrong), and the unsent rest, final dot included, is thrown away:
+    the next hop never gets a whole message the client was answered 451 for (before: the
+    closed connection still flushed it once the next hop read again)."""
+    caplog.set_level(logging.INFO, logger="filterd.smtp")
+    config = make_config(
+        tmp_path,
+        hop.port,
+        logit=-2.0,
+        relay={"timeout_seconds": 0.5},
+        smtp={"max_message_bytes": 64 << 20},
+    )
+    raw = ham_with("<stop-reading@test>") + (b"x" * 78 + b"\r\n") * 300_000  # 24 MB
+    hop.fault, hop.answer_delay = "stop_reading", 2.0
+    with proxy_running(config) as proxy:
+        began = time.monotonic()
+        assert send(proxy.port, raw) == 451
+        assert time.monotonic() - began < 10
+        wait_until(lambda: hop.not_accepted, timeout=10)
+    (sending,) = warnings_about(caplog, "sending the message")
+    assert re.search(r"next hop 127\.0\.0\.1:\d+: sending the message: \S", sending), sending
+    assert not warnings_about(caplog, "took the message")
+    assert not warnings_about(caplog, "may hold")  # it cannot: its final dot was never sent
+    (got,) = hop.not_accepted
+    assert not got.endswith(b"\r\n.\r\n") and len(got) < len(raw)
+    assert hop.delivered == []
+
+
+def test_a_relay_that_never_answers_the_message_is_logged_as_maybe_holding_it(
+    tmp_path, hop, caplog
+):
+    """The next hop has the whole message and never answers: the client gets 451 and
+    retries, so the next hop may end up with it twice. That is said, naming the message."""
+    caplog.set_level(logging.INFO, logger="filterd.smtp")
+    config = make_config(tmp_path, hop.port, logit=-2.0, relay={"timeout_seconds": 0.5})
+    hop.fault = "hang_after_dot"
+    with proxy_running(config) as proxy:
+        assert send(proxy.port, ham_with("<no-answer@test>")) == 451
+    step, unconfirmed = warnings_about(caplog, "waiting for the answer to the message")
+    assert re.fullmatch(
+        r"next hop 127\.0\.0\.1:\d+: waiting for the answer to the message: no answer within "
+        r"0\.5 s",
+        step,
+    ), step
+    assert warnings_about(caplog, "may hold") == [unconfirmed]
+    assert "message_id=<no-answer@test>" in unconfirmed and "peer=127.0.0.1:" in unconfirmed
+    assert "no answer within 0.5 s" in unconfirmed
+
+
+def test_timeout_seconds_is_idle_time_only_and_the_transaction_has_its_own_limit(
+    tmp_path, hop, caplog
+):
+    """`smtp.timeout_seconds` (0.5 s) counts only while the proxy waits for the client: a
+    next hop answering after 1.5 s still gets the client its 250 (before: the client was cut
+    off with no answer while the next hop took the message, a silent duplicate). The whole
+    DATA-to-answer span has `transaction_timeout_seconds`: past it the client gets 451, and
+    a message the next hop may hold is named in a warning."""
+    caplog.set_level(logging.INFO, logger="filterd.smtp")
+    smtp = {"timeout_seconds": 0.5, "transaction_timeout_seconds": 3.0}
+    config = make_config(tmp_path, hop.port, logit=-2.0, relay={"timeout_seconds": 10}, smtp=smtp)
+    hop.fault, hop.answer_delay = "slow_250", 1.5
+    answers: dict[bytes, object] = {}
+    with proxy_running(config) as proxy:
+        slow = ham_with("<slow-next-hop@test>")
+        answers[slow] = send(proxy.port, slow)
+        assert answers[slow] == 250
+        hop.answer_delay = 4.5  # past the transaction's 3 s
+        late = ham_with("<late-next-hop@test>")
+        began = time.monotonic()
+        answers[late] = send(proxy.port, late)
+        assert answers[late] == 451
+        assert time.monotonic() - began < 4.5
+        wait_until(lambda: hop.sessions_ended == 2, timeout=10)  # its late 250 went nowhere
+    assert hop.has(slow) == 1 and hop.has(late) == 1  # the late one: a known duplicate
+    (unconfirmed,) = warnings_about(caplog, "may hold")
+    assert "message_id=<late-next-hop@test>" in unconfirmed and "peer=127.0.0.1:" in unconfirmed
+    assert "transaction_timeout_seconds" in unconfirmed
+
+
+def test_transaction_timeout_while_scoring_answers_451_and_relays_nothing(tmp_path, hop, caplog):
+    caplog.set_level(logging.INFO, logger="filterd.smtp")
+    smtp = {"transaction_timeout_seconds": 1.0}
+    config = make_config(tmp_path, hop.port, logit=-2.0, smtp=smtp)
+
+    async def slow(mail, **_):
+        await asyncio.sleep(5)
+        return Outcome("deliver", mail.raw)
+
+    with proxy_running(config, slow) as proxy:
+        began = time.monotonic()
+        assert send(proxy.port, ham_with("<slow-scoring@test>")) == 451
+        assert time.monotonic() - began < 3
+    assert hop.delivered == [] and not warnings_about(caplog, "may hold")
+    (line,) = [
+        r.getMessage() for r in caplog.records if "message_id=<slow-scoring" in r.getMessage()
+    ]
+    assert "reply=451" in line and "transaction_timeout_seconds" in line
+
+
 # --- the quarantine disk is full or read-only ----------------------------------------------
 
 
@@ -201,12 +324,12 @@ def fail_writes_under(monkeypatch, root: Path, code: int, after: int = 0) -> lis
     real = maildir.write_temp
     count = [0]
 
-    def write_temp(tmp_dir, data, name, like=None):
+    def write_temp(tmp_dir, data, name, like=None, **kw):  # kw: dir_fd, owner
         if Path(tmp_dir).is_relative_to(root):
             count[0] += 1
             if count[0] > after:
                 raise OSError(code, os.strerror(code), str(tmp_dir))
-        return real(tmp_dir, data, name, like)
+        return real(tmp_dir, data, name, like, **kw)
 
     monkeypatch.setattr(maildir, "write_temp", write_temp)
     return count
@@ -432,13 +555,15 @@ def test_maildir_file_gone_or_renamed_before_the_read(tmp_path, monkeypatch, cap
 # --- the duplicate window ----------------------------------------------------------------------
 
 
-def test_duplicate_window_is_only_between_the_next_hops_250_and_ours(tmp_path, hop):
+def test_duplicate_window_is_only_between_the_next_hops_250_and_ours(tmp_path, hop, caplog):
     """The one duplicate path of any SMTP relay: the next hop has the message, but the client
     goes away before our 250 reaches it, so it sends the message again. Every other test here
     checks that the next hop accepted nothing the client was not told 250 for. Measured: the
     duplicates from clients leaving right after their final dot (none: aiosmtpd cancels the
     transaction before it is relayed), from clients leaving while the next hop holds the whole
-    message (each one a duplicate), and how long the window lasts for clients that stay."""
+    message (each one a duplicate, each named in a warning), and how long the window lasts
+    for clients that stay."""
+    caplog.set_level(logging.INFO, logger="filterd.smtp")
     config = make_config(tmp_path, hop.port, logit=-2.0)
     answers: dict[bytes, object] = {}
 
@@ -484,6 +609,11 @@ def test_duplicate_window_is_only_between_the_next_hops_250_and_ours(tmp_path, h
     assert early <= n  # timing-dependent; 0 of 10 measured
     assert len(duplicates) == early + m
     assert all(b"<late" in d or b"<gone" in d for d in duplicates)
+    # Each one the proxy can see (the client gone while the next hop held the message) is
+    # logged by its Message-ID; no warning names a message that arrived once.
+    warned = {re.search(r"message_id=(\S+)", w)[1] for w in warnings_about(caplog, "may hold")}
+    assert {f"<late{i}@test>" for i in range(m)} <= warned
+    assert warned <= {re.search(rb"Message-ID: (\S+)", d)[1].decode() for d in duplicates}
     # Apart from them, the ledger holds: nothing else reached the next hop unacknowledged.
     rest = {raw: a for raw, a in answers.items() if raw not in duplicates}
     hop.delivered = [

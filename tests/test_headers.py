@@ -1,3 +1,5 @@
+import hashlib
+import hmac
 import os
 import re
 
@@ -5,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from filterd.headers import SecretError, Tagger, load_secret
+from filterd import headers
+from filterd.headers import SecretError, Tagger, header_fields, load_secret
 from filterd.verdict import Verdict
 
 KEY = b"0123456789abcdef0123456789abcdef"
@@ -86,7 +89,7 @@ def test_spoofed_headers_are_stripped_case_insensitively_with_folds():
         b"\tfolded continuation\n"
         b"  and another\n"
         b"X-Spammy-Other: kept\n"
-        b"X-Spam-Marker: v1 " + b"0" * 64 + b"\n"
+        b"X-Spam-Marker: v2 " + b"0" * 64 + b"\n"
         b"\nbody\n"
     )
     tagged = Tagger(KEY).tag(raw, SPAM)
@@ -101,7 +104,7 @@ def test_custom_prefix_leaves_spamassassin_headers_alone():
     tagged = Tagger(KEY, prefix="X-Filterd-").tag(raw, HAM)
     assert tagged.endswith(raw)
     assert tagged.startswith(b"X-Filterd-Status: No, ")
-    assert b"X-Filterd-Marker: v1 " in tagged
+    assert b"X-Filterd-Marker: v2 " in tagged
 
 
 def test_valid_marker_passes_through_and_forgeries_do_not():
@@ -184,3 +187,136 @@ def test_tagging_only_removes_prefixed_fields_and_adds_ours(fields, body, eol, m
     added = b"".join(line + eol for line in ours(tagged)[:5])
     assert tagged == (b"From x@y Mon" + eol if mbox else b"") + added + kept + eol + body
     assert tagger.previous(tagged) == (True, 0.987)
+
+
+# ------------------------------------------------------------------------------------------
+# issue 12: what the marker covers
+
+MIME = (
+    b"Received: from mx.example.org\n"
+    b"Subject: hello\n"
+    b"From: a@example.org\n"
+    b"To: b@example.org\n"
+    b"MIME-Version: 1.0\n"
+    b'Content-Type: multipart/mixed; boundary="b  1"; charset=us-ascii\n'
+    b"Content-Transfer-Encoding: 7bit\n"
+    b"Content-Disposition: inline\n"
+    b"\n"
+    b"--b  1\nContent-Type: text/plain\n\nhello\n--b  1--\n"
+)
+
+
+def edit(raw: bytes, old: bytes, new: bytes) -> bytes:
+    assert raw.count(old) == 1, old
+    return raw.replace(old, new)
+
+
+def test_marker_covers_every_field_that_changes_decoding():
+    """Spam sent as `7bit` that is really base64 must not keep its marker once the header
+    says base64: whatever changes how a part is decoded or shown voids it."""
+    tagger = Tagger(KEY)
+    tagged = tagger.tag(MIME, HAM)
+    assert tagger.previous(tagged) == (False, 0.012)
+    edits = {
+        "CTE": edit(tagged, b"Encoding: 7bit", b"Encoding: base64"),
+        "CTE, name in lower case": edit(
+            tagged, b"Content-Transfer-Encoding: 7bit", b"content-transfer-encoding: base64"
+        ),
+        "Content-Type": edit(tagged, b"multipart/mixed", b"text/plain"),
+        "boundary": edit(tagged, b'boundary="b  1"', b'boundary="b  2"'),
+        "white space inside the boundary": edit(tagged, b'boundary="b  1"', b'boundary="b 1"'),
+        "charset": edit(tagged, b"charset=us-ascii", b"charset=utf-7"),
+        "MIME-Version": edit(tagged, b"MIME-Version: 1.0", b"MIME-Version: 1.1"),
+        "MIME-Version removed": edit(tagged, b"MIME-Version: 1.0\n", b""),
+        "Content-Disposition": edit(tagged, b"Disposition: inline", b"Disposition: attachment"),
+        "a second CTE at the bottom": edit(
+            tagged, b"inline\n\n", b"inline\nContent-Transfer-Encoding: base64\n\n"
+        ),
+        "Content-Location added": edit(
+            tagged, b"inline\n\n", b"inline\nContent-Location: http://spam.example/\n\n"
+        ),
+        "Content-Base added": edit(
+            tagged, b"inline\n\n", b"inline\nContent-Base: http://spam.example/\n\n"
+        ),
+        "a second Subject at the bottom": edit(tagged, b"inline\n\n", b"inline\nSubject: x\n\n"),
+        "Date added at the bottom": edit(tagged, b"inline\n\n", b"inline\nDate: today\n\n"),
+    }
+    for name, raw in edits.items():
+        assert tagger.previous(raw) is None, name
+        retagged = tagger.tag(raw, SPAM)  # scored again: one fresh marker
+        assert retagged.count(b"X-Spam-Marker") == 1, name
+        assert tagger.previous(retagged) == (True, 0.987), name
+
+
+def test_marker_covers_mime_fields_absent_when_tagged():
+    tagger = Tagger(KEY)
+    tagged = tagger.tag(b"Subject: hi\nFrom: a@example.org\n\naGVsbG8=\n", HAM)
+    for field in [
+        b"Content-Transfer-Encoding: base64",
+        b"Content-Type: text/html",
+        b"MIME-Version: 1.0",
+        b"Content-Disposition: attachment",
+    ]:
+        added = edit(tagged, b"\n\n", b"\n" + field + b"\n\n")
+        assert tagger.previous(added) is None, field
+
+
+def test_marker_survives_harmless_changes_in_transit():
+    tagger = Tagger(KEY)
+    tagged = tagger.tag(MIME, SPAM)
+    harmless = {
+        "Received at the top": b"Received: from relay.example\n\tby mx\n" + tagged,
+        "Return-Path and Delivered-To": b"Return-Path: <a@example.org>\nDelivered-To: b@x\n"
+        + tagged,
+        "a field appended at the bottom": edit(
+            tagged, b"inline\n\n", b"inline\nX-Virus-Scanned: clean\nResent-Date: now\n\n"
+        ),
+        "CRLF line ends": tagged.replace(b"\n", b"\r\n"),
+        "Content-Type folded at a space": edit(tagged, b"; boundary", b";\n boundary"),
+        "Subject re-folded": edit(tagged, b"Subject: hello", b"Subject:\n\thello"),
+        "trailing empty lines": tagged + b"\n\n\n",
+    }
+    for name, raw in harmless.items():
+        assert tagger.previous(raw) == (True, 0.987), name
+
+
+def _v1_marker(raw: bytes) -> bytes:
+    """`raw` with the marker filterd wrote before issue 12 (v1, its algorithm copied here):
+    the five identity fields, first occurrence, white space squeezed, and the body."""
+    head, _, body = raw.partition(b"\n\n")
+    fields = header_fields(head + b"\n")
+    h = hmac.new(KEY, b"filterd-marker/v1", hashlib.sha256)
+    for _, field in fields:
+        if field.lower().startswith(b"x-spam-"):
+            h.update(b"\0" + b" ".join(field.split()))
+    for name in (b"subject", b"from", b"to", b"date", b"message-id"):
+        value = next((f.partition(b":")[2] for n, f in fields if n == name), b"")
+        h.update(b"\0" + name + b":" + b" ".join(value.split()))
+    h.update(b"\0\0" + body.replace(b"\r\n", b"\n").rstrip(b"\n"))
+    return head + b"\nX-Spam-Marker: v1 " + h.hexdigest().encode() + b"\n\n" + body
+
+
+def test_old_marker_version_is_treated_as_absent():
+    tagger = Tagger(KEY)
+    raw = b"Subject: hi\nFrom: a@example.org\nContent-Transfer-Encoding: 7bit\n\nbody\n"
+    ours = b"X-Spam-Status: No, score=0.1 required=5.0 probability=0.012 model=gpt2-tiny\n"
+    old = _v1_marker(ours + b"X-Spam-Score: 0.1\nX-Spam-Level:\n" + raw)
+    assert tagger.previous(old) is None
+    assert tagger.unscored(old, "x").count(b"X-Spam-Marker") == 1
+    retagged = tagger.tag(edit(old, b"7bit", b"base64"), SPAM)
+    assert retagged.count(b"X-Spam-Marker") == 1 and b"Marker: v1 " not in retagged
+    assert tagger.previous(retagged) == (True, 0.987)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.text("ab\r\n", max_size=40).map(str.encode), chunk=st.integers(2, 8))
+def test_body_hash_ignores_line_end_style_and_trailing_line_ends(body, chunk):
+    """The body part of the marker is body.replace(CRLF, LF).rstrip(LF), whatever the chunk
+    boundaries: a bare CR stays significant, so it cannot turn a line into a MIME delimiter."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(headers, "_BODY_CHUNK", chunk)
+        mp.setattr(headers, "_SCAN_CHUNK", chunk)
+        got = hmac.new(KEY, b"", hashlib.sha256)
+        headers._hash_body(got, b"Subject: x\n\n" + body, 12)
+    want = hmac.new(KEY, body.replace(b"\r\n", b"\n").rstrip(b"\n"), hashlib.sha256)
+    assert got.hexdigest() == want.hexdigest()

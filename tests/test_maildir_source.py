@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 
 import pytest
@@ -13,9 +14,7 @@ from filterd.config import Config, ConfigError
 from filterd.daemon import load_sources
 from filterd.engine import Engine
 from filterd.headers import Tagger
-from filterd.model.classifier import load_classifier
 from filterd.store import maildir
-from tests.test_engine import make_checkpoint
 
 KEY = b"k" * 32
 OLD = 1_600_000_000  # an mtime well in the past, to see it kept
@@ -37,21 +36,11 @@ class Counted:
         self.calls = 0
         self.fail = False
 
-    def score_messages(self, raws):
+    def score_messages(self, raws, progress=None):
         self.calls += len(raws)
         if self.fail:
             raise RuntimeError("model down")
-        return self.clf.score_messages(raws)
-
-
-@pytest.fixture(scope="module")
-def ham(tmp_path_factory):
-    return load_classifier(make_checkpoint(tmp_path_factory.mktemp("ham"), -2.0))  # p=0.1192
-
-
-@pytest.fixture(scope="module")
-def spam(tmp_path_factory):
-    return load_classifier(make_checkpoint(tmp_path_factory.mktemp("spam"), 2.0))  # p=0.8808
+        return self.clf.score_messages(raws, progress)
 
 
 class Running:
@@ -105,7 +94,7 @@ def tagged_files(folder):
     found = []
     for p in folder.iterdir():
         with contextlib.suppress(FileNotFoundError):  # renamed by the source meanwhile
-            if b"X-Spam-Marker: v1 " in p.read_bytes():
+            if b"X-Spam-Marker: v" in p.read_bytes():
                 found.append(p)
     return found
 
@@ -115,7 +104,7 @@ def assert_tagged(data: bytes, original: bytes, flag: bool) -> None:
     assert data.endswith(original)
     lines = data[: len(data) - len(original)].split(b"\r\n")
     assert lines[-1] == b"" and all(line.startswith(b"X-Spam-") for line in lines[:-1])
-    assert lines[-2].startswith(b"X-Spam-Marker: v1 ")
+    assert lines[-2].startswith(b"X-Spam-Marker: v")  # any marker version
     assert (lines[0] == b"X-Spam-Flag: YES") == flag
 
 
@@ -227,6 +216,10 @@ def test_message_taken_meanwhile_is_left_where_it_went(
         await src.stop()
 
     asyncio.run(main())
+    label = "spam" if folder == ".Junk" else "ham"
+    assert re.search(
+        rf"source=maildir message_id=<4@example.org> .* label={label} score=0\.", caplog.text
+    )
     assert files(md / "new") == files(md / "tmp") == []
     assert files(md / ".Junk" / "new") == []
     if change == "move":

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import functools
+import mmap
+import os
 import re
 import time
+import tracemalloc
 from dataclasses import FrozenInstanceError
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -15,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from filterd.text import TEXT_VERSION, TextLimits, message_text, normalize_text
+from filterd.text import TEXT_VERSION, TextLimits, head_and_tail, message_text, normalize_text
+from filterd.text.cut import cut_file
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 CORPUS = CORPUS / "spamassassin-public-corpus"
@@ -462,6 +467,203 @@ def nested_multipart(depth: int, payload: str) -> bytes:
             f"--b{i}\r\n".encode() + raw + f"\r\n--b{i}--\r\n".encode(),
         )
     return raw
+
+
+# ------------------------------------------------------------------------------------------
+# the byte cap: head_and_tail (the model's evasion tests are in test_evasion.py)
+
+B64_LINE = base64.b64encode(bytes(range(57))) + b"\r\n"  # 76 characters, no text in them
+
+
+def zip_and_html(
+    zip_lines: int, html_headers: str = "", html: str = "<p>PAYLOAD here</p>"
+) -> bytes:
+    """A zip attachment of zip_lines base64 lines, then an HTML part."""
+    return mail(
+        'Subject: s\nContent-Type: multipart/mixed; boundary="b"',
+        b"--b\r\nContent-Type: application/zip\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + B64_LINE * zip_lines
+        + f"--b\r\n{html_headers}Content-Type: text/html\r\n\r\n{html}\r\n--b--\r\n".encode(),
+    )
+
+
+def test_under_the_cap_nothing_is_cut():
+    raw = zip_and_html(100)
+    assert head_and_tail(raw, len(raw)) == raw
+    assert head_and_tail(bytearray(raw), len(raw) + 1) == raw
+
+
+def test_the_tail_gets_back_the_header_of_the_part_it_starts_in():
+    raw = zip_and_html(100, html="<p>harmless text</p>\r\n" * 200 + "<p>PAYLOAD here</p>")
+    out = head_and_tail(raw, 4000)
+    assert len(out) <= 4000
+    assert b"--b\ncontent-type: text/html\n\n" in out  # put back in front of the tail
+    text = message_text(raw, TextLimits(max_bytes=4000))
+    assert "PAYLOAD here" in text and "<p>" not in text
+    assert not re.search(r"[A-Za-z0-9+/]{40}", text)  # nothing of the zip read as text
+
+
+def test_a_tail_inside_a_part_header_starts_at_its_body():
+    """The tail point lies among the HTML part's header lines: it moves to the body, so
+    the rest of that header is not read as text."""
+    raw = zip_and_html(100, "X-Filler: header line\r\n" * 100)
+    assert raw.index(b"X-Filler") < len(raw) - 4000 // 4 < raw.index(b"Content-Type: text/html")
+    assert b"X-Filler" not in head_and_tail(raw, 4000)
+    text = message_text(raw, TextLimits(max_bytes=4000))
+    assert "PAYLOAD here" in text and "X-Filler" not in text
+
+
+def test_a_tail_in_the_epilogue_is_not_read():
+    """The head ends inside the HTML part, the tail starts after the closing delimiter:
+    what follows it is no part of the message, and not glued onto the HTML."""
+    raw = zip_and_html(1, html="<p>harmless text</p>\r\n" * 300) + b"epilogue junk\r\n" * 200
+    text = message_text(raw, TextLimits(max_bytes=4000))
+    assert "epilogue" not in text
+    assert "epilogue" not in message_text(raw)  # as without the cap
+
+
+def test_a_long_utf8_line_is_cut_between_characters():
+    """Cut inside a UTF-8 character, the body would not decode as UTF-8 any more and be
+    read as Windows-1252 mojibake."""
+    raw = mail("Subject: s\nContent-Type: text/plain; charset=utf-8", "€uro " * 3000)
+    for max_bytes in range(4000, 4012):
+        text = message_text(raw, TextLimits(max_bytes=max_bytes))
+        assert "€uro €uro" in text and "â‚¬" not in text, max_bytes
+
+
+_PIECES = st.sampled_from(
+    [
+        b"--a\r\n",
+        b"--a--\r\n",
+        b"--b\n",
+        b"--b  \r\n",
+        b"-- b\n",
+        b"Content-Type: multipart/mixed; boundary=b\r\n",
+        b"Content-Type: text/html\r\n",
+        b"Content-Type: message/rfc822\r\n",
+        b"Content-Transfer-Encoding: base64\r\n",
+        b"\r\n",
+        b"\n",
+        B64_LINE,
+        b"<p>PAYLOAD</p>\r\n",
+        b"x" * 1500,
+        "€".encode() * 700,
+        b"\r",
+    ]
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(_PIECES, max_size=60),
+    st.integers(min_value=64, max_value=6000),
+    st.booleans(),
+)
+def test_the_cut_is_bounded_idempotent_and_reads_as_the_whole(pieces, max_bytes, mbox):
+    """What the scoring process sends its child (the cut) gives the text of the whole."""
+    raw = (b"From x\n" if mbox else b"") + b'Content-Type: multipart/mixed; boundary="a"\r\n\r\n'
+    raw += b"".join(pieces)
+    out = head_and_tail(raw, max_bytes)
+    assert len(out) <= max(max_bytes, 0)
+    assert head_and_tail(out, max_bytes) == out
+    limits = TextLimits(max_bytes=max_bytes)
+    assert message_text(out, limits) == message_text(raw, limits)
+
+
+def test_a_file_is_cut_as_the_same_bytes_in_memory(tmp_path):
+    """cut_file (os.pread) and an mmap give what head_and_tail gives for the bytes."""
+    raw = zip_and_html(2000, html="<p>" + "harmless text " * 20_000 + "PAYLOAD</p>")
+    path = tmp_path / "m.eml"
+    path.write_bytes(raw)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        for max_bytes in (1000, 100_000, 250_000, len(raw)):
+            expected = head_and_tail(raw, max_bytes)
+            assert head_and_tail(mapped, max_bytes) == expected
+            pread = functools.partial(os.pread, f.fileno())
+            assert (
+                cut_file(lambda at, n, pread=pread: pread(n, at), len(raw), max_bytes) == expected
+            )
+
+
+class CountingReader:
+    """read(offset, length) over bytes, counting what is read."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw, self.read_bytes = raw, 0
+
+    def __call__(self, at: int, length: int) -> bytes:
+        self.read_bytes += min(length, max(len(self.raw) - at, 0))
+        return self.raw[at : at + length]
+
+
+def test_a_plain_message_is_cut_reading_only_what_is_kept():
+    """No MIME structure, no search: a 20 MB file costs the head and the tail it keeps."""
+    raw = mail("Subject: s", b"harmless line\r\n" * 1_000_000 + b"no line break" * 10_000)
+    reader = CountingReader(raw)
+    assert cut_file(reader, len(raw), 100_000) == head_and_tail(raw, 100_000)
+    assert reader.read_bytes < 100_000 + 3 * 65_536  # with the first header bytes (64 KB)
+
+
+def test_the_delimiter_search_reads_no_more_than_it_must():
+    """Back from the tail to the delimiter it needs; in all at most 4 times the message and
+    100 times max_bytes (a chunk with the boundary in it counts 4 times)."""
+    html = "<p>harmless text</p>\r\n" * 5000
+    for raw, most in [
+        (zip_and_html(100_000, html=html), 1_000_000),  # the tail starts in the HTML part
+        (zip_and_html(100_000), 2 * 7_800_000),  # in the zip: back over it to its delimiter
+        (HOSTILE_CUTS["30-nested"](), 100 * 100_000 + 2 * 65_536),  # read: 2.8 MB of 20
+    ]:
+        reader = CountingReader(raw)
+        assert cut_file(reader, len(raw), 100_000) == head_and_tail(raw, 100_000)
+        assert reader.read_bytes < most
+
+
+def _timed_cut(raw: bytes) -> tuple[float, int]:
+    """Seconds and peak Python allocation of one head_and_tail at the default cap."""
+    tracemalloc.start()
+    try:
+        start = time.perf_counter()
+        out = head_and_tail(raw, TextLimits().max_bytes)
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(out) <= TextLimits().max_bytes
+    return elapsed, peak
+
+
+HOSTILE_CUTS = {
+    # each line starts with the boundary but is no delimiter line
+    "near-miss-lines": lambda: (
+        b'Content-Type: multipart/mixed; boundary="a"\n\n--a\n\n' + b"--ax\n" * 4_000_000
+    ),
+    # 30 nested multiparts opened at the start, each searched back over 20 MB
+    "30-nested": lambda: (
+        b"".join(
+            f'--{"a" * i}\nContent-Type: multipart/mixed; boundary="{"a" * (i + 1)}"\n\n'.encode()
+            for i in range(30)
+        )[len(b"--\n") :]
+        + b"--"
+        + b"a" * 30
+        + b"\n\n"
+        + (b"--" + b"a" * 31 + b"\n") * 600_000
+    ),
+    "no-line-breaks": lambda: (
+        b'Content-Type: multipart/mixed; boundary="a"\n\n--a\n\n' + b"x" * 20_000_000
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CUTS))
+def test_the_header_search_is_bounded(case):
+    """The search for the tail's part headers reads the middle of the message with C-speed
+    searches only, whatever its lines: bounded time, and memory the cap's, not the message's."""
+    raw = HOSTILE_CUTS[case]()
+    assert len(raw) >= 20_000_000
+    elapsed, peak = _timed_cut(raw)
+    print(f"\n{case}: {len(raw) / 1e6:.0f} MB cut in {elapsed:.2f} s, peak {peak / 1e6:.1f} MB")
+    assert elapsed < 3  # measured: at most 0.3 s
+    assert peak < 4 * TextLimits().max_bytes  # measured: 4.0 MB: head, tail, the output
 
 
 # ------------------------------------------------------------------------------------------

@@ -83,3 +83,21 @@ def test_last_token_shortcut_matches_the_full_last_block(arch, sms_lines):
         reference = model.score(full)
         got = model(ids, lengths)
     assert (got - reference).abs().max().item() <= 1e-5
+
+
+def test_scores_agree_with_batch_mates_within_the_stated_tolerance(sms_lines):
+    """README, Python API: a message's float32 score depends on its batch-mates by at most
+    1e-5 (padding changes the shapes of the matrix products, hence their rounding)."""
+    from filterd.model.checkpoint import CheckpointMeta
+    from filterd.model.classifier import Classifier
+
+    torch.manual_seed(1)
+    model = GPT2Classifier(ARCHITECTURES["gpt2-mini"]).eval()
+    with torch.no_grad():
+        model.score.weight.mul_(50)  # spread the scores over (0, 1), not all near 0.5
+    clf = Classifier(model, CheckpointMeta(arch="gpt2-mini", config=model.config.to_dict()))
+    texts = [t for _, t in sms_lines[:150]]
+    batched = clf.score_texts(texts)
+    alone = [clf.score_texts([t])[0] for t in texts]
+    assert max(batched) - min(batched) > 0.9
+    assert max(abs(a - b) for a, b in zip(alone, batched, strict=True)) <= 1e-5

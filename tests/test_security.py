@@ -104,9 +104,12 @@ FORGED_METADATA = {
     "threshold-nan": ({"threshold": float("nan")}, "not a probability"),
     "max-tokens-huge": ({"max_tokens": 10**12}, "max_tokens"),
     "labels-swapped": ({"labels": ["spam", "ham"]}, "labels"),
+    "arch-name-with-line-break": ({"arch": "gpt2\r\nBcc: x@example.org"}, "not a printable"),
+    "arch-name-not-a-string": ({"arch": ["gpt2"]}, "not a printable"),
     "unknown-key": ({"__reduce__": ["os.system", "id"]}, "bad filterd metadata"),
     "format-other": ({"format": "pickle"}, "format"),
-    "text-version-old": ({"text_version": 1}, "text extraction"),
+    "text-version-not-a-number": ({"text_version": "1"}, "text extraction version"),
+    "text-version-newer": ({"text_version": 99}, "text extraction v99, newer"),
 }
 FORGED_RAW_META = {
     "not-json": "{nope",
@@ -332,8 +335,8 @@ SPOOFS = [
     b"X-Spam-Flag : NO",
     b"X-Spam-Flag\t:NO",
     b"X-Spam-Level:",
-    b"X-Spam-Marker: v1 " + b"0" * 64,
-    b"X-Spam-Marker: v1 " + b"ab" * 32 + b"\n  continued",
+    b"X-Spam-Marker: v2 " + b"0" * 64,
+    b"X-Spam-Marker: v2 " + b"ab" * 32 + b"\n  continued",
     b"X-Spam-Flag\x00: NO",
     b"X-Spam-Flag NO",
 ]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import os
 import re
 import smtplib
 import socket
@@ -18,11 +20,17 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from filterd.builtin.smtp_proxy import SmtpProxy
+from filterd.builtin.smtp_proxy import SmtpOptions, SmtpProxy
+from filterd.config import Config
+from filterd.plugin_api import Outcome
 from tests.test_smtp_proxy import make_config, proxy_running
 
 HAM = b"Subject: hello\r\nFrom: Ann <ann@example.org>\r\n\r\nSee you at noon.\r\n"
+# Examples per hypothesis property; raise it for a long fuzz run (README "Robustness").
+EXAMPLES = int(os.environ.get("FILTERD_FUZZ_EXAMPLES", "300"))
 
 
 class RawHop:
@@ -79,11 +87,12 @@ class RawHop:
 
 
 @contextlib.contextmanager
-def serving(hop):
-    """Run a next hop (an object with .loop and ._session) on 127.0.0.1 in its own thread."""
+def serving(hop, limit: int = 1 << 16):
+    """Run a next hop (an object with .loop and ._session) on 127.0.0.1 in its own thread;
+    `limit`: the longest line (or message, for RawHop) its reader takes."""
     thread = threading.Thread(target=hop.loop.run_forever, daemon=True)
     thread.start()
-    start = asyncio.start_server(hop._session, "127.0.0.1", 0)
+    start = asyncio.start_server(hop._session, "127.0.0.1", 0, limit=limit)
     server = asyncio.run_coroutine_threadsafe(start, hop.loop).result(5)
     hop.port = server.sockets[0].getsockname()[1]
     try:
@@ -265,6 +274,50 @@ def test_smuggled_end_of_data_cannot_split_one_message_into_two(config, hop, end
     assert b"\n.\n" not in data and b"\n.\r\n" not in data[:-5]
 
 
+def read_line_by_line(stream: bytes, limit: int) -> tuple[bytes | None, bytes]:
+    """aiosmtpd's DATA rules, one line at a time: lines end with CRLF only, the line "."
+    ends the message, a leading dot is removed; over `limit` wire bytes: None. Returns the
+    message and what follows its end."""
+    out, size, pos = [], 0, 0
+    while (line := stream[pos : stream.index(b"\r\n", pos) + 2]) != b".\r\n":
+        pos += len(line)
+        size += len(line)
+        out.append(line[1:] if line.startswith(b".") else line)
+    return (None if size > limit else b"".join(out)), stream[pos + 3 :]
+
+
+async def read_in_chunks(chunks: list[bytes], limit: int) -> tuple[bytes | None, bytes]:
+    """The proxy's DATA reader fed `chunks` one event-loop turn apart; the message and what
+    it left in the reader."""
+    connection = SmtpProxy(SmtpOptions(), Config())._connection()
+    connection.data_size_limit = limit
+    connection._reader = reader = asyncio.StreamReader()
+    connection._reset_timeout = lambda: None  # no transport here to time out
+    task = asyncio.ensure_future(connection.read_message())
+    for chunk in chunks:
+        reader.feed_data(chunk)
+        await asyncio.sleep(0)
+    reader.feed_eof()
+    return await task, await reader.read()
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    body=st.lists(st.sampled_from([b"\r", b"\n", b".", b"a", b"\r\n", b"\r\n."]), max_size=40),
+    after=st.binary(max_size=12),
+    cuts=st.lists(st.integers(0, 80), max_size=6),
+    limit=st.sampled_from([4, 16, 1 << 20]),
+)
+def test_the_data_reader_agrees_with_reading_line_by_line(body, after, cuts, limit):
+    """Whatever the chunking: the same message (dots unstuffed, bare CR and LF kept, only
+    CRLF . CRLF ending it), the same size verdict, and the bytes after the end (pipelined
+    commands) left in order for the command reader."""
+    stream = b"".join(body) + b"\r\n.\r\n" + after
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    chunks = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+    assert asyncio.run(read_in_chunks(chunks, limit)) == read_line_by_line(stream, limit)
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -337,3 +390,121 @@ def test_envelope_cannot_pick_another_next_hop(tmp_path, hop):
         trap.accept()
     trap.close()
     assert all(session.startswith(b"EHLO ") for session in hop.sessions)
+
+
+@pytest.fixture
+def big_hop() -> Iterator[RawHop]:
+    """A RawHop whose reader takes whole messages of up to 64 MiB (lines of any length)."""
+    with serving(RawHop(), limit=1 << 26) as running:
+        yield running
+
+
+async def deliver(mail, **_):
+    """A handler that passes every message on as it came: the proxy's own costs alone."""
+    return Outcome("deliver", mail.raw)
+
+
+def timed_send(port: int, raw: bytes) -> float:
+    """Seconds smtplib takes to connect, send raw and get its 250."""
+    start = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", port, timeout=120) as smtp:
+        assert smtp.sendmail("a@example.org", ["b@example.net"], raw) == {}
+    return time.monotonic() - start
+
+
+def test_many_short_lines_neither_crawl_nor_stall_other_clients(tmp_path, big_hop):
+    """4 MB of 3-byte lines while other clients send theirs. aiosmtpd read DATA one line
+    per call, up to 256 KiB of lines per event-loop turn: 6.3 s to receive (80-byte lines of
+    the same size: 0.6 s), other clients' transactions took up to 5.7 s. Now 0.12 s for
+    either, the others at most 0.13 s."""
+    size = 4_000_000
+    short = b"Subject: short\r\n\r\n" + b"a\r\n" * (size // 3)
+    long = b"Subject: long\r\n\r\n" + (b"b" * 78 + b"\r\n") * (size // 80)
+    config = make_config(
+        tmp_path, big_hop.port, smtp={"max_message_bytes": 8 * size}, relay={"timeout_seconds": 60}
+    )
+    others: list[float] = []
+    with proxy_running(config, deliver) as proxy:
+        long_seconds = timed_send(proxy.port, long)
+        sending = threading.Event()
+
+        def other_clients() -> None:
+            while sending.is_set() or not others:
+                others.append(timed_send(proxy.port, HAM))
+
+        sending.set()
+        thread = threading.Thread(target=other_clients)
+        thread.start()
+        short_seconds = timed_send(proxy.port, short)
+        sending.clear()
+        thread.join(60)
+    print(
+        f"\n3-byte lines {short_seconds:.2f} s, 80-byte lines {long_seconds:.2f} s; "
+        f"{len(others)} other transactions meanwhile, slowest {max(others):.3f} s"
+    )
+    assert short_seconds < 3 * long_seconds + 1.0
+    assert max(others) < 1.0
+    relayed = {data[:40]: data for _, data in big_hop.messages}
+    assert relayed[short[:40]] == short + b".\r\n" and relayed[long[:40]] == long + b".\r\n"
+
+
+def test_long_lines_are_taken_and_relayed_byte_for_byte(tmp_path, big_hop):
+    """Real mail has lines over RFC 5322's 998 characters (SpamAssassin's ham does, and
+    Postfix takes them): refusing them with aiosmtpd's permanent 500 bounced it."""
+    raw = (
+        b"Subject: long lines\r\nX-Long: "
+        + b"h" * 5_000
+        + b"\r\n\r\n"
+        + b"5" * 5_000
+        + b"\r\n"
+        + b"k" * 100_000
+        + b"\r\n.ends with a dot line\r\n"
+    )
+    config = make_config(tmp_path, big_hop.port, logit=-2.0)
+    with proxy_running(config) as proxy, connected(proxy) as c:
+        c.start_data()
+        c.send(raw.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        assert c.reply() == b"250"
+        c.send(b"MAIL FROM:<" + b"x" * 2_000 + b"@example.org>\r\n")
+        assert c.reply() == b"500"  # command lines keep their limit
+        c.send(b"NOOP\r\n")
+        assert c.reply() == b"250"
+    ((_, data),) = big_hop.messages
+    assert data.endswith(raw.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+
+
+def test_a_slow_but_steady_client_is_not_idle(tmp_path, hop):
+    """`timeout_seconds` is the wait between bytes, not the whole upload: a client sending
+    for 3 s with `timeout_seconds` 1 gets its 250 (before: cut off after 1 s)."""
+    config = make_config(tmp_path, hop.port, logit=-2.0, smtp={"timeout_seconds": 1.0})
+    body = b"".join(b"line %d of a slow message\r\n" % i for i in range(15))
+    with proxy_running(config) as proxy, connected(proxy) as c:
+        c.start_data()
+        c.send(HAM)
+        for line in body.splitlines(keepends=True):
+            time.sleep(0.2)
+            c.send(line)
+        c.send(b".\r\n")
+        assert c.reply() == b"250"
+    assert hop.messages[0][1].endswith(HAM + body + b".\r\n")
+
+
+def test_a_trickling_client_meets_the_transaction_timeout(tmp_path, hop):
+    """Never idle, never done: after `transaction_timeout_seconds` it gets 451 and is
+    disconnected (it keeps its message); nothing reaches the next hop."""
+    smtp = {"timeout_seconds": 5.0, "transaction_timeout_seconds": 1.0}
+    config = make_config(tmp_path, hop.port, logit=-2.0, smtp=smtp)
+    with proxy_running(config) as proxy, connected(proxy) as c:
+        c.start_data()
+        start = time.monotonic()
+        with contextlib.suppress(OSError):  # the proxy may close before the last bytes
+            for byte in HAM * 4:
+                c.send(bytes([byte]))
+                time.sleep(0.1)
+                if time.monotonic() - start > 4:
+                    break
+        assert c.reply() == b"451"
+        assert c.reply() == b""  # and closed
+        assert 0.9 < time.monotonic() - start < 4
+        still_serving(proxy, hop)
+    assert len(hop.messages) == 1  # the other client's

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import logging
 import smtplib
 import socket
 import threading
@@ -389,3 +390,98 @@ def test_stop_lets_messages_in_progress_finish(tmp_path, sink):
     assert results == [{}] and len(sink.messages) == 1
     with pytest.raises(OSError):
         smtplib.SMTP("127.0.0.1", port, timeout=2)
+
+
+def on_loop(proxy: SmtpProxy, coro) -> object:
+    """Run a coroutine on the proxy's event loop (proxy_running's thread) and wait for it."""
+    return asyncio.run_coroutine_threadsafe(coro, proxy._server.get_loop()).result(10)
+
+
+@pytest.mark.parametrize(
+    ("smtp", "message"),
+    [
+        ({"host": ""}, r"smtp\.host: .*empty.*every address"),
+        ({"host": "  "}, r"smtp\.host: .*empty.*every address"),
+        ({"host": "0.0.0.0"}, r"smtp\.host: .*0\.0\.0\.0 is not a loopback address.*allow_remote"),
+        ({"host": "::"}, r"smtp\.host: .*not a loopback address.*allow_remote"),
+        ({"host": "mail.example.org"}, r"smtp\.host: .*not a loopback address.*allow_remote"),
+    ],
+)
+def test_listening_beyond_loopback_must_be_asked_for(tmp_path, smtp, message):
+    """An empty host listened on every address without a word; the reinjection port trusts
+    loopback, so a proxy reachable from elsewhere is an open relay."""
+    with pytest.raises(ConfigError, match=message):
+        smtp_source(make_config(tmp_path, 10026, **{"smtp": smtp}))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_hosts_need_nothing_more(tmp_path, host):
+    assert smtp_source(make_config(tmp_path, 10026, smtp={"host": host})).settings.host == host
+
+
+def test_allow_remote_listens_beyond_loopback_and_warns(tmp_path, sink, caplog):
+    caplog.set_level(logging.INFO, logger="filterd.smtp")
+    config = make_config(tmp_path, sink.port, smtp={"host": "0.0.0.0", "allow_remote": True})
+    with proxy_running(config) as proxy, client(proxy) as smtp:
+        assert smtp.sendmail("ann@example.org", ["bob@example.net"], MSG) == {}
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "0.0.0.0" in warning.getMessage() and "open relay" in warning.getMessage()
+    caplog.clear()
+    with proxy_running(make_config(tmp_path, sink.port)):
+        pass
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def message_lines(caplog) -> list[str]:
+    """The per-message log lines, in order."""
+    return [r.getMessage() for r in caplog.records if " message_id=" in r.getMessage()]
+
+
+def with_id(mid: str) -> bytes:
+    return MSG.replace(b"<m1@example.org>", mid.encode())
+
+
+def test_the_message_log_line_says_ham_or_spam_and_what_decided(tmp_path, sink, caplog):
+    caplog.set_level(logging.INFO, logger="filterd.smtp")
+    lists = [{"name": "lists", "options": {"allow": ["friend.example"]}}]
+    ham = make_config(tmp_path, sink.port, logit=-2.0, checks=lists)
+    spam = make_config(tmp_path, sink.port)
+    scoring = {"failure_policy": "fail_open", "timeout_seconds": 0.005, "batch_wait_ms": 50}
+    unscored = make_config(tmp_path, sink.port, scoring=scoring)
+    with proxy_running(ham) as proxy, client(proxy) as smtp:
+        smtp.sendmail("ann@example.org", ["bob@example.net"], with_id("<ham@x>"))
+        smtp.sendmail("ann@friend.example", ["bob@example.net"], with_id("<friend@x>"))
+    with proxy_running(spam) as proxy, client(proxy) as smtp:
+        smtp.sendmail("ann@example.org", ["bob@example.net"], with_id("<spam@x>"))
+        # The ham as we relayed it, marker and all: passed on as marked, no model.
+        smtp.sendmail("ann@example.org", ["bob@example.net"], sink.messages[0][2])
+    with proxy_running(unscored) as proxy, client(proxy) as smtp:
+        smtp.sendmail("ann@example.org", ["bob@example.net"], with_id("<unscored@x>"))
+    fields = [line.split(" rcpts=1 ")[1].split(" reply=")[0] for line in message_lines(caplog)]
+    assert fields == [
+        "label=ham score=0.1192 action=tag",
+        "label=ham decided_by=check:lists score=- action=tag",
+        "label=spam score=0.8808 action=tag",
+        "label=ham decided_by=marker score=- action=tag",
+        "label=- score=- action=unscored",
+    ]
+
+
+def test_mail_from_after_stop_accepting_answers_421_and_closes(tmp_path, sink):
+    """On SIGTERM a client holding its connection is told the proxy is going (421), not that
+    it is busy (451), and the connection ends; a transaction already begun finishes."""
+    config = make_config(tmp_path, sink.port)
+    with proxy_running(config) as proxy, client(proxy) as idle, client(proxy) as busy:
+        idle.ehlo()
+        busy.ehlo()
+        assert busy.mail("ann@example.org")[0] == 250
+        assert busy.rcpt("bob@example.net")[0] == 250
+        on_loop(proxy, proxy.stop_accepting())
+        assert idle.mail("ann@example.org") == (
+            421,
+            b"4.3.2 filterd shutting down, try again later",
+        )
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            idle.noop()
+        assert busy.data(MSG)[0] == 250
+    assert len(sink.messages) == 1

@@ -313,3 +313,19 @@ def test_maildir_mail_reaches_a_custom_action(tmp_path, custom):
     else:  # held where the Maildir source holds mail: its Junk folder
         assert placed[0].parent == md / ".Junk" / "new"
         assert list((md / "new").iterdir()) == []
+
+
+def test_the_suite_says_once_when_its_data_folder_is_missing(tmp_path):
+    env = os.environ | {"FILTERD_TEST_DATA": str(tmp_path / "absent")}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_config.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert run.returncode == 4
+    out = run.stdout + run.stderr
+    assert out.count("test data missing:") == 1 and "FILTERD_TEST_DATA" in out
+    assert "passed" not in out and "error" not in out.lower().replace("test data missing", "")

@@ -128,8 +128,8 @@ def test_retraining_from_a_checkpoint(tmp_path, sms_slice):
     first, second = tmp_path / "a", tmp_path / "b"
     base = ["--sms", str(sms_slice), "--epochs", "1"]
     assert cli.main([*base, "--init", "random", "--arch", "gpt2-tiny", "--out", str(first)]) == 0
-    # A checkpoint from an older text extraction can't score, but it can be retrained.
-    _rewrite_meta(first / "model.safetensors", text_version=TEXT_VERSION - 1)
+    # A checkpoint from a newer text extraction can't score here, but it can be retrained.
+    _rewrite_meta(first / "model.safetensors", text_version=TEXT_VERSION + 1)
     with pytest.raises(CheckpointError, match="text extraction"):
         filterd.load_classifier(first)
     assert cli.main([*base, "--init", str(first), "--out", str(second), "--max-tokens", "48"]) == 0
@@ -166,3 +166,41 @@ def test_missing_pretrained_weights_never_fall_back_silently(tmp_path, monkeypat
     assert cli.main(argv) == 2
     assert "could not download gpt2" in capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "o").exists()
+
+
+def test_metrics_table_fits_80_columns_with_whole_headers():
+    import io
+
+    from rich.console import Console
+
+    m = {
+        "n": 730,
+        "accuracy": 0.9479,
+        "accuracy_argmax": 0.9603,
+        "precision": 0.99,
+        "recall": 0.9,
+        "f1": 0.94,
+        "roc_auc": 0.9951,
+        "false_positives": 5,
+        "false_negatives": 33,
+        "true_negatives": 360,
+        "true_positives": 332,
+    }
+    buf = io.StringIO()
+    cli.print_metrics({"train": m, "val": m, "test": m}, 0.792, Console(file=buf, width=80))
+    text = buf.getvalue()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    header = next(line for line in text.splitlines() if "split" in line).split()
+    assert header == ["split", "n", "acc", "acc@.5", "prec", "recall", "f1", "auc", "FP", "FN"]
+
+
+@pytest.mark.parametrize("command", ["filterd", "filterd-train"])
+def test_version(command):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = subprocess.run(
+        [Path(sys.executable).parent / command, "--version"], capture_output=True, text=True
+    )
+    assert (run.returncode, run.stdout) == (0, f"{command} {filterd.__version__}\n")

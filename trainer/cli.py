@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from filterd import __version__
 from filterd.trainer.data import DataError, Example, prepare, read_mail, read_sms, read_spamassassin
 
 err = Console(stderr=True)
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="filterd-train",
         description="Fine-tune GPT-2 as a ham/spam classifier and write a filterd checkpoint.",
     )
+    p.add_argument("--version", action="version", version=f"filterd-train {__version__}")
     data = p.add_argument_group("data (one source, or --ham and --spam together)")
     data.add_argument(
         "--sms",
@@ -270,23 +272,42 @@ def parse_trainable(value: str) -> int | None:
     return int(n)
 
 
-def print_metrics(metrics: dict, threshold: float) -> None:
-    table = Table(title=f"filterd-train metrics (threshold {threshold:.4f})")
-    columns = ("n", "accuracy", "accuracy_argmax", "precision", "recall", "f1", "roc_auc")
-    for c in ("split", *columns, "FP", "FN"):
-        table.add_column(c, justify="right")
+# Column headers short enough for an 80-column terminal (the caption spells them out).
+METRIC_COLUMNS = {
+    "n": "n",
+    "accuracy": "acc",
+    "accuracy_argmax": "acc@.5",
+    "precision": "prec",
+    "recall": "recall",
+    "f1": "f1",
+    "roc_auc": "auc",
+}
+
+
+def print_metrics(metrics: dict, threshold: float, console: Console | None = None) -> None:
+    from rich import box
+
+    console = console or out
+    table = Table(
+        title=f"filterd-train metrics (threshold {threshold:.4f})",
+        caption="acc: accuracy at the threshold; acc@.5: at p >= 0.5; prec: precision; "
+        "auc: ROC AUC; FP/FN: false positives/negatives at the threshold",
+        box=box.SIMPLE_HEAD,
+    )
+    for header in ("split", *METRIC_COLUMNS.values(), "FP", "FN"):
+        table.add_column(header, justify="right", no_wrap=True)
     for name, m in metrics.items():
-        cells = [str(m[c]) if c == "n" else _fmt(m[c]) for c in columns]
+        cells = [str(m[c]) if c == "n" else _fmt(m[c]) for c in METRIC_COLUMNS]
         table.add_row(name, *cells, str(m["false_positives"]), str(m["false_negatives"]))
-    out.print(table)
+    console.print(table)
     if "test" in metrics:
         m = metrics["test"]
-        confusion = Table(title="test confusion matrix (rows: truth)")
+        confusion = Table(title="test confusion matrix (rows: truth)", box=box.SIMPLE_HEAD)
         for c in ("", "predicted ham", "predicted spam"):
             confusion.add_column(c, justify="right")
         confusion.add_row("ham", str(m["true_negatives"]), str(m["false_positives"]))
         confusion.add_row("spam", str(m["false_negatives"]), str(m["true_positives"]))
-        out.print(confusion)
+        console.print(confusion)
 
 
 def _fmt(value: float | None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import struct
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,7 @@ FORMAT = "filterd-checkpoint/1"
 FILENAME = "model.safetensors"
 _META_KEY = "filterd"
 _TOKENIZER = "tokenizer."  # tensors holding the tokenizer's files, as bytes
+log = logging.getLogger("filterd")
 
 
 class CheckpointError(ValueError):
@@ -111,8 +113,9 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu", retrain: bool = False
 ) -> Loaded:
-    """A validated model and its metadata. `retrain` accepts any text-extraction version:
-    the weights are a fine start for training on the current text, not for scoring."""
+    """A validated model and its metadata. A checkpoint from an older text extraction loads
+    with a warning; `retrain` accepts any text-extraction version, a newer one too: the
+    weights are a fine start for training on the current text."""
     target = checkpoint_path(path)
     try:
         blob = target.read_bytes()
@@ -202,11 +205,9 @@ def _meta(metadata: dict, target: Path, retrain: bool = False) -> CheckpointMeta
         raise CheckpointError(f"{target}: format {meta.format!r}, this filterd reads {FORMAT!r}")
     if meta.tokenizer != meta.model_family.tokenizer_name:
         raise CheckpointError(f"{target}: tokenizer {meta.tokenizer!r} is not supported")
-    if meta.text_version != TEXT_VERSION and not retrain:
-        raise CheckpointError(
-            f"{target}: trained on text extraction v{meta.text_version}, this filterd extracts "
-            f"v{TEXT_VERSION}; retrain it (filterd-train --init {target}) or use a matching filterd"
-        )
+    if not isinstance(meta.arch, str) or not meta.arch or not meta.arch.isprintable():
+        # It is written into X-Spam-Status: a line break there would inject header fields.
+        raise CheckpointError(f"{target}: architecture name {meta.arch!r} is not a printable name")
     if meta.labels != ["ham", "spam"]:
         raise CheckpointError(f"{target}: labels {meta.labels} are not ['ham', 'spam']")
     positions = meta.config.get("n_positions", 0) if isinstance(meta.config, dict) else 0
@@ -215,7 +216,33 @@ def _meta(metadata: dict, target: Path, retrain: bool = False) -> CheckpointMeta
     number = isinstance(meta.threshold, int | float) and not isinstance(meta.threshold, bool)
     if not number or not 0.0 <= meta.threshold <= 1.0:
         raise CheckpointError(f"{target}: threshold {meta.threshold} is not a probability")
+    if not retrain:
+        _check_text_version(meta.text_version, target)
     return meta
+
+
+def _check_text_version(version: Any, target: Path) -> None:
+    """An older text extraction still scores, with a note (an upgrade must not stop a
+    running filter); a newer one than this filterd knows (a downgrade) is refused."""
+    number = isinstance(version, int) and not isinstance(version, bool)
+    if number and version == TEXT_VERSION:
+        return
+    if number and 1 <= version < TEXT_VERSION:
+        log.warning(
+            "%s: trained on text extraction v%d, this filterd extracts v%d and scores with it; "
+            "retraining (filterd-train --init %s) aligns them",
+            target,
+            version,
+            TEXT_VERSION,
+            target,
+        )
+        return
+    if number and version > TEXT_VERSION:
+        raise CheckpointError(
+            f"{target}: trained on text extraction v{version}, newer than this filterd's "
+            f"v{TEXT_VERSION}: upgrade filterd, or retrain it here (filterd-train --init {target})"
+        )
+    raise CheckpointError(f"{target}: text extraction version {version!r} is not a version")
 
 
 def _data_sha256(blob: bytes) -> str:

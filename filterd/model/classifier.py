@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import get_args
 
 import torch
@@ -27,6 +27,8 @@ from filterd.text import TextLimits, message_text
 BATCH_TOKENS = 8192
 MAX_BATCH = 64
 
+Progress = Callable[[int], None]  # told how many more messages are done
+
 
 class Scorer(ABC):
     """A loaded checkpoint as the engine uses it, wherever its model runs: here
@@ -43,10 +45,14 @@ class Scorer(ABC):
         return self.meta.arch
 
     @abstractmethod
-    def score_messages(self, raws: Sequence[bytes]) -> list[float]:
-        """Spam probability of each raw RFC 5322 message."""
+    def score_messages(
+        self, raws: Sequence[bytes], progress: Progress | None = None
+    ) -> list[float | None]:
+        """Spam probability of each raw RFC 5322 message; None for one with no text to
+        read (the model would judge nothing at all). `progress(n)` is told as each group
+        of n messages is done, for a progress bar."""
 
-    def score_message(self, raw: bytes) -> float:
+    def score_message(self, raw: bytes) -> float | None:
         return self.score_messages([raw])[0]
 
     @abstractmethod
@@ -90,9 +96,9 @@ class Classifier(Scorer):
     def tokens(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, self.meta.max_tokens)
 
-    def score_texts(self, texts: Sequence[str]) -> list[float]:
+    def score_texts(self, texts: Sequence[str], progress: Progress | None = None) -> list[float]:
         """Spam probability of each model text (already extracted or an SMS)."""
-        return self.score_tokens([self.tokens(t) for t in texts])
+        return self.score_tokens([self.tokens(t) for t in texts], progress)
 
     def reload(self, path: str | os.PathLike) -> Classifier:
         return load_classifier(path, self.device, self.limits, self.precision)
@@ -100,11 +106,19 @@ class Classifier(Scorer):
     def close(self) -> None:
         """Nothing to release: the model lives in this process until it is dropped."""
 
-    def score_messages(self, raws: Sequence[bytes]) -> list[float]:
-        return self.score_texts([message_text(r, self.limits) for r in raws])
+    def score_messages(
+        self, raws: Sequence[bytes], progress: Progress | None = None
+    ) -> list[float | None]:
+        texts = [message_text(r, self.limits) for r in raws]
+        if progress and not all(texts):
+            progress(len(texts) - sum(map(bool, texts)))
+        scores = iter(self.score_texts([t for t in texts if t], progress))
+        return [next(scores) if t else None for t in texts]
 
     @torch.inference_mode()
-    def score_tokens(self, token_lists: Sequence[list[int]]) -> list[float]:
+    def score_tokens(
+        self, token_lists: Sequence[list[int]], progress: Progress | None = None
+    ) -> list[float]:
         scores = [0.0] * len(token_lists)
         batches = length_batches([len(t) for t in token_lists], BATCH_TOKENS, self.max_batch)
         with self._model_lock:
@@ -114,6 +128,8 @@ class Classifier(Scorer):
                 probs = torch.softmax(self.model(ids, lengths).double(), dim=-1)[:, 1]
                 for i, p in zip(batch, probs.tolist(), strict=True):
                     scores[i] = p
+                if progress:
+                    progress(len(batch))
         return scores
 
 

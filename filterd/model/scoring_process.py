@@ -23,7 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from filterd.config import Precision
 from filterd.model.checkpoint import CheckpointMeta
-from filterd.model.classifier import Classifier, Scorer, load_classifier
+from filterd.model.classifier import Classifier, Progress, Scorer, load_classifier
 from filterd.text import TextLimits, head_and_tail
 
 _child: Classifier | None = None  # in the child process: its one model
@@ -56,7 +56,7 @@ def _load(
     return _child.meta, os.getpid()
 
 
-def _score(raws: Sequence[bytes]) -> list[float]:
+def _score(raws: Sequence[bytes]) -> list[float | None]:
     assert _child is not None, "the scoring process has no model loaded"
     return _child.score_messages(raws)
 
@@ -99,19 +99,24 @@ class ProcessClassifier(Scorer):
             pool.shutdown(wait=False, cancel_futures=True)
             raise
 
-    def score_messages(self, raws: Sequence[bytes]) -> list[float]:
+    def score_messages(
+        self, raws: Sequence[bytes], progress: Progress | None = None
+    ) -> list[float | None]:
         with self._lock:
             pool = self._pool or self._restart()
         # Only what message_text reads crosses to the child: a 50 MB message costs 2 MB.
         clipped = [head_and_tail(raw, self.limits.max_bytes) for raw in raws]
         try:
-            return pool.submit(_score, clipped).result()
+            scores = pool.submit(_score, clipped).result()
         except BrokenProcessPool as e:
             with self._lock:
                 if self._pool is pool:  # the batch beside this one may have seen it first
                     self._pool = None
                     log.error("scoring process %d died: %s", self.pid, e)
             raise ScoringProcessError(f"the scoring process died: {e}") from e
+        if progress:
+            progress(len(raws))
+        return scores
 
     def _restart(self) -> ProcessPoolExecutor:
         """A new child with the same checkpoint. A failed start is not tried again for

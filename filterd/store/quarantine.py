@@ -5,7 +5,12 @@ arrived; what filterd knows about it (envelope, score, reason, time) sits beside
 filterd-meta/ID.json, which mail clients ignore. Both are written durably. A release
 removes a message only after its destination has it durably; IDs are checked against a
 strict pattern and files are opened without following symlinks, so no request reaches
-outside the store.
+outside the store; anything in it that is not a regular file (a FIFO, a folder, a link) is
+refused alone, never blocking on it, and `list` and `expire` skip it and go on.
+
+A released message is re-tagged as ham by a person's decision (`released=ID`, a fresh
+marker): the sender's own X-Spam-* fields never reach the mailbox, and neither Sieve nor the
+Maildir watcher files it back into Junk.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from filterd.headers import Tagger
 from filterd.mail import Mail
 from filterd.store import maildir
 from filterd.verdict import Verdict
@@ -31,6 +37,17 @@ _TMP_MAX_AGE = 36 * 3600  # Maildir convention: tmp/ files older than this are d
 
 class QuarantineError(ValueError):
     """A quarantine request cannot be carried out; the message says why."""
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of the regular file at path. Opened without following a symlink and without
+    blocking (a FIFO would wait for a writer for ever), then checked on the descriptor."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise QuarantineError(f"{path}: not a regular file in the store (symlink, FIFO?)")
+        return f.read()
 
 
 @dataclass(frozen=True)
@@ -103,36 +120,56 @@ class Store:
             except FileNotFoundError:
                 continue
             if not stat.S_ISREG(mode):
-                raise QuarantineError(f"{qid}: not a regular file in the store (symlink?)")
+                raise QuarantineError(
+                    f"{qid}: {path} is not a regular file in the store (symlink, FIFO, folder?)"
+                )
             return path
         raise QuarantineError(f"{qid}: no such message in {self.root}")
 
     def read(self, qid: str) -> bytes:
         """The message bytes exactly as received."""
-        path = self._message_path(qid)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as f:
-            return f.read()
+        return _read_regular(self._message_path(qid))
+
+    def released(self, qid: str, tagger: Tagger, threshold: float = 0.5) -> bytes:
+        """The message as it leaves the quarantine: tagged ham by a person's decision
+        (`X-Spam-Status: No, ... released=ID`, no Flag, a fresh marker), so no X-Spam-*
+        field of the sender's survives and a Sieve rule does not file it back into Junk.
+        The body stays byte for byte. `threshold` is the `required=` shown."""
+        verdict = Verdict(
+            probability=None,
+            is_spam=False,
+            action="tag",
+            threshold=threshold,
+            model="-",
+            decided_by="release",
+            reason=f"released={qid}",
+        )
+        return tagger.tag(self.read(qid), verdict)
 
     def get(self, qid: str) -> Entry:
         path = self._message_path(qid)
         meta = self._folder(_META) / f"{qid}.json"
         try:
-            fd = os.open(meta, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, "rb") as f:
-                return Entry(**json.loads(f.read()))
+            return Entry(**json.loads(_read_regular(meta)))
         except (OSError, ValueError, TypeError):  # details lost: the message still counts
             st = path.stat()
             return Entry(qid, st.st_mtime, None, [], None, "details missing", st.st_size)
 
-    def list(self) -> list[Entry]:
-        """Every held message, oldest first."""
+    def list(self, problems: list[str] | None = None) -> list[Entry]:
+        """Every held message, oldest first. An entry that cannot be read (not a regular
+        file, gone meanwhile) is skipped, and said so in `problems` when given: one bad
+        entry must not hide the others."""
         ids = set()
         for sub in ("new", "cur"):
             folder = self._folder(sub)
             if folder.is_dir():
                 ids |= {p.name.split(":", 1)[0] for p in folder.iterdir()}
-        entries = [self.get(qid) for qid in ids if ID_PATTERN.fullmatch(qid)]
+        entries = []
+        for qid in sorted(i for i in ids if ID_PATTERN.fullmatch(i)):
+            try:
+                entries.append(self.get(qid))
+            except (QuarantineError, OSError) as e:
+                _report(problems, f"skipped {e}")
         return sorted(entries, key=lambda e: (e.time, e.id))
 
     def delete(self, qid: str) -> None:
@@ -142,16 +179,30 @@ class Store:
         meta.unlink(missing_ok=True)
         maildir.fsync_dir(path.parent)
 
-    def release_to_maildir(self, qid: str, dest: Path) -> Path:
-        """Deliver durably into the Maildir dest, then delete from the store."""
-        target = maildir.deliver(Path(dest), self.read(qid))
+    def release_to_maildir(
+        self, qid: str, dest: Path, tagger: Tagger, threshold: float = 0.5
+    ) -> Path:
+        """Deliver durably (re-tagged, see `released`) into the Maildir dest, then delete
+        from the store. dest, dest/tmp and dest/new must not be symlinks (refused)."""
+        try:
+            target = maildir.deliver(Path(dest), self.released(qid, tagger, threshold))
+        except maildir.NotAFolder as e:
+            raise QuarantineError(f"{qid}: not released: {e.filename}: {e.strerror}") from e
         self.delete(qid)
         return target
 
-    def release_smtp(self, qid: str, host: str, port: int, timeout: float) -> None:
-        """Re-inject to the next hop with the original envelope; deleted only once every
-        recipient was accepted."""
-        entry, data = self.get(qid), self.read(qid)
+    def release_smtp(
+        self,
+        qid: str,
+        host: str,
+        port: int,
+        timeout: float,
+        tagger: Tagger,
+        threshold: float = 0.5,
+    ) -> None:
+        """Re-inject (re-tagged, see `released`) to the next hop with the original envelope;
+        deleted only once every recipient was accepted."""
+        entry, data = self.get(qid), self.released(qid, tagger, threshold)
         if not entry.rcpt_tos or entry.mail_from is None:
             raise QuarantineError(
                 f"{qid}: no envelope recorded (it came from stdin or a Maildir); "
@@ -169,11 +220,12 @@ class Store:
             raise QuarantineError(f"{qid}: delivered only in part, refused: {refused}; kept")
         self.delete(qid)
 
-    def expire(self, now: float | None = None) -> list[str]:
-        """Delete messages older than the retention, and stale debris; the expired IDs."""
+    def expire(self, now: float | None = None, problems: list[str] | None = None) -> list[str]:
+        """Delete messages older than the retention, and stale debris; the expired IDs.
+        What cannot be read or removed is skipped (and said so in `problems`)."""
         now = time.time() if now is None else now
         cutoff = now - self.retention_days * 86400
-        expired = [e.id for e in self.list() if e.time < cutoff]
+        expired = [e.id for e in self.list(problems) if e.time < cutoff]
         for qid in expired:
             self.delete(qid)
         held = {e.id for e in self.list()}
@@ -183,8 +235,16 @@ class Store:
                     path.unlink()
             except FileNotFoundError:  # another expire (or a release) got there first
                 continue
+            except OSError as e:  # a folder among the debris, a file not ours: the rest goes on
+                _report(problems, f"not removed {path}: {e.strerror or e}")
         return expired
 
     def _debris(self) -> list[Path]:
         folders = [self._folder("tmp"), self._folder(_META)]
         return [p for f in folders if f.is_dir() for p in f.iterdir()]
+
+
+def _report(problems: list[str] | None, text: str) -> None:
+    """Note a skipped entry where the caller asked for them."""
+    if problems is not None:
+        problems.append(text)

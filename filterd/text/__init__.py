@@ -2,11 +2,20 @@
 
 `message_text` (mime.py) walks the MIME structure and calls the layers below it: header
 fields (fields.py), bytes to str (charset.py), HTML to visible text (html.py), and the
-plain-text normalization every text goes through last (plain.py). The trainer and the
-runtime both call it, so a message is seen the same way when learned and when judged.
+plain-text normalization every text goes through last (plain.py); past the byte cap,
+cut.py chooses what of the raw message is read. The trainer and the runtime both call it,
+so a message is seen the same way when learned and when judged.
 """
 
-from filterd.text.mime import TEXT_VERSION, TextLimits, head_and_tail, message_text
+from filterd.text.cut import cut_file, head_and_tail
+from filterd.text.mime import TEXT_VERSION, TextLimits, message_text
 from filterd.text.plain import normalize_text
 
-__all__ = ["TEXT_VERSION", "TextLimits", "head_and_tail", "message_text", "normalize_text"]
+__all__ = [
+    "TEXT_VERSION",
+    "TextLimits",
+    "cut_file",
+    "head_and_tail",
+    "message_text",
+    "normalize_text",
+]

@@ -21,6 +21,9 @@ _WANTED = re.compile(
 _MAX_HEADER = 4096  # bytes kept of a header; the stdlib param parser is quadratic in it
 
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
+_SNIFF = re.compile(
+    rb'^--([^\s"]{1,200})[ \t]*\r?\nContent-(?:Type|Transfer-Encoding):', re.M | re.I
+)
 
 
 def split_headers(data: bytes) -> tuple[dict[str, str], bytes]:
@@ -88,3 +91,19 @@ def content_info(headers: dict[str, str], default: str) -> Message:
         if key in headers:
             info[key] = headers[key]
     return info
+
+
+def sniff_boundary(head: bytes) -> str | None:
+    """The boundary of the first delimiter line followed by a MIME header, if any."""
+    m = _SNIFF.search(head)
+    return m[1].decode("latin-1") if m else None
+
+
+def part_headers(headers: dict[str, str], body: bytes, default: str) -> dict[str, str]:
+    """The headers of a part, with a multipart Content-Type when a MIME body lost its own
+    (common in old spam): reading it as the parts it plainly is beats showing base64."""
+    if "content-type" not in headers and default == "text/plain":
+        boundary = sniff_boundary(body[:1024])
+        if boundary:
+            return {**headers, "content-type": f'multipart/mixed; boundary="{boundary}"'}
+    return headers

@@ -5,8 +5,9 @@ it is learned and when it is judged. Anything that would only tell the model *wh
 a mail came from (routing headers, addresses) is left out, and every step is capped so a
 hostile mail costs bounded time and memory.
 
-Bump TEXT_VERSION whenever the output of message_text or normalize_text changes: a model
-trained on one version of the text should not be scored on another.
+Bump TEXT_VERSION whenever the output of message_text or normalize_text changes: a checkpoint
+records the version it learned from, so loading one from an older version can say that
+retraining would align it with what it now reads.
 """
 
 from __future__ import annotations
@@ -17,13 +18,23 @@ from dataclasses import dataclass
 from email.message import Message
 
 from filterd.text.charset import decode, transfer_decode
-from filterd.text.fields import content_info, decode_words, display_name, split_headers
+from filterd.text.cut import head_and_tail
+from filterd.text.fields import (
+    content_info,
+    decode_words,
+    display_name,
+    part_headers,
+    sniff_boundary,
+    split_headers,
+)
 from filterd.text.html import html_to_text
 from filterd.text.plain import cap, normalize_text
 
 # v2: every default-ignorable code point dropped, Latin look-alikes folded in mixed words,
 # and the caps keep the head and the tail (bytes, parts) or flatten (depth) instead of cutting.
-TEXT_VERSION: int = 2
+# v3: past max_bytes, a line longer than the cut keeps its own head and tail, and the tail
+# gets back the MIME headers of the parts it starts inside (cut.py).
+TEXT_VERSION: int = 3
 
 
 @dataclass(frozen=True)
@@ -74,12 +85,7 @@ class _Walker:
             pass
 
     def _part(self, headers: dict[str, str], body: bytes, depth: int, default: str) -> None:
-        if "content-type" not in headers and default == "text/plain":
-            # A MIME body whose Content-Type header went missing (common in old spam):
-            # reading it as the parts it plainly is beats showing the model base64.
-            boundary = _sniff_boundary(body[:1024])
-            if boundary:
-                headers = {**headers, "content-type": f'multipart/mixed; boundary="{boundary}"'}
+        headers = part_headers(headers, body, default)
         info = content_info(headers, default)
         ctype = info.get_content_type()
         main = ctype.split("/", 1)[0]
@@ -103,7 +109,7 @@ class _Walker:
         room = self.limits.max_parts - self.parts
         kids = _split_multipart(body, info.get_boundary(), room)
         if kids is None:  # boundary missing or wrong: look for the one the body uses
-            kids = _split_multipart(body, _sniff_boundary(body[:65536]), room)
+            kids = _split_multipart(body, sniff_boundary(body[:65536]), room)
         if kids is None:  # no parts at all: the stdlib also keeps such a body as text
             self.blocks.append(_MIME_LINE.sub("", decode(body)))
             return
@@ -183,19 +189,10 @@ def _cut(body: bytes, mark: bytes, room: int) -> list[bytes] | None:
     return [body[a:b] for a, b in [*head, *tail]]
 
 
-_SNIFF = re.compile(
-    rb'^--([^\s"]{1,200})[ \t]*\r?\nContent-(?:Type|Transfer-Encoding):', re.M | re.I
-)
 _HTML_START = re.compile(
     r"\s*<(?:!--|(?:!doctype|x-html|html|head|body|font|center|table|div|p|b)\b)", re.I
 )
 _MIME_LINE = re.compile(r"^--\S*[ \t]*$|^Content-[\w-]+:.*$", re.M | re.I)
-
-
-def _sniff_boundary(head: bytes) -> str | None:
-    """The boundary of the first delimiter line followed by a MIME header, if any."""
-    m = _SNIFF.search(head)
-    return m[1].decode("latin-1") if m else None
 
 
 def _fallback(raw: bytes) -> str:
@@ -205,18 +202,6 @@ def _fallback(raw: bytes) -> str:
     except Exception:
         body = raw
     return _MIME_LINE.sub("", decode(body))
-
-
-def head_and_tail(raw: bytes, max_bytes: int) -> bytes:
-    """At most max_bytes: the first 3/4 and the last 1/4, cut at line starts, so a text
-    part behind a big attachment is still read. Cutting again changes nothing."""
-    if len(raw) <= max_bytes:
-        return bytes(raw)
-    head = max_bytes * 3 // 4
-    cut = raw.rfind(b"\n", 0, head) + 1 or head
-    tail = len(raw) - (max_bytes - cut)
-    resume = raw.find(b"\n", tail - 1) + 1 or tail
-    return bytes(raw[:cut]) + bytes(raw[resume:])
 
 
 def message_text(raw: bytes, limits: TextLimits = TextLimits()) -> str:
