@@ -13,7 +13,6 @@ from dataclasses import FrozenInstanceError
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import parseaddr
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,9 +20,9 @@ from hypothesis import strategies as st
 
 from filterd.text import TEXT_VERSION, TextLimits, head_and_tail, message_text, normalize_text
 from filterd.text.cut import cut_file
+from tests.conftest import SPAMASSASSIN
 
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-CORPUS = CORPUS / "spamassassin-public-corpus"
+CORPUS = SPAMASSASSIN
 CORPUS_FILES = 6046
 
 
