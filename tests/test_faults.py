@@ -55,6 +55,7 @@ class FaultHop:
         self.not_accepted: list[bytes] = []  # DATA bytes it got but never said 250 for
         self.stalled = threading.Event()
         self.answer_delay = 0.5  # slow_250's wait before its 250; stop_reading's pause
+        self.resume = threading.Event()  # hang_mid_data reads on once this is set
         self.sessions_ended = 0
         self.loop = asyncio.new_event_loop()
         self.port = 0
@@ -102,6 +103,12 @@ class FaultHop:
                     if fault in ("close_mid_data", "hang_mid_data"):
                         part = await reader.readexactly(65536 if fault == "hang_mid_data" else 10)
                         if fault == "hang_mid_data":
+                            # Takes no more until told (`resume`): the rest of the message
+                            # stays with the sender, as behind a hung disk.
+                            writer.transport.pause_reading()
+                            self.stalled.set()
+                            await asyncio.to_thread(self.resume.wait, 60)
+                            writer.transport.resume_reading()
                             await self._stall(reader, part)
                         else:
                             self.not_accepted.append(part)
@@ -436,6 +443,7 @@ def test_sigkill_mid_message_leaves_it_with_the_sender(tmp_path, hop, fault):
         assert hop.stalled.wait(30), "".join(daemon.lines)
         daemon.proc.send_signal(signal.SIGKILL)
         daemon.proc.wait(10)
+        hop.resume.set()  # now read what the killed daemon had handed to the kernel
         assert client.reply() == b""  # no 250: disconnected, so the sender still has it
     finally:
         client.close()
