@@ -40,10 +40,13 @@ def _err(message: str) -> None:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
+    return load_config(args.config)
+
+
+def _notes(config: Config) -> None:
+    """How to update an older config: said by check and serve, not by every pipe run."""
     for note in config.notes():
         _err(f"note: {note}")
-    return config
 
 
 def _engine(  # imported lazily: torch
@@ -163,8 +166,10 @@ def _warn_if_not_mail(mail: Mail) -> None:
     """A binary or a bare text piped in by mistake would get a verdict like any mail."""
     if not mail.has_header:
         where = "stdin" if mail.origin == "-" else mail.origin
-        what = "empty" if not mail.raw.strip() else "no header block"
-        _err(f"warning: {where}: {what}: not a mail message? (scored as one)")
+        if mail.raw.strip():
+            _err(f"warning: {where}: no header block: not a mail message? (scored as one)")
+        else:
+            _err(f"warning: {where}: empty: nothing to score (labelled by scoring.no_text)")
 
 
 class _Progress:
@@ -242,6 +247,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     config, engine = loaded
     from filterd.daemon import load_sources
 
+    _notes(config)
     try:
         sources = load_sources(config)
     except ConfigError as e:
@@ -251,7 +257,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"config: {args.config or (DEFAULT_PATH if DEFAULT_PATH.exists() else 'defaults')}")
     path = args.checkpoint or config.checkpoint
     print(
-        f"checkpoint: {path} ({clf.name}, {config.precision}, threshold {engine.threshold_of(clf)})"
+        f"checkpoint: {path} ({clf.name}, {config.precision}, "
+        f"threshold {engine.threshold_of(clf):.4f})"
     )
     print(f"checks: {', '.join(c.name for c in engine.checks) or 'none'}")
     print(f"sources: {', '.join(s.name for s in sources) or 'none (filterd score only)'}")
@@ -335,8 +342,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         config = _config(args)
+        _notes(config)
         # Before the model loads: a wrong setting fails at once.
-        sources = load_sources(config, required=True)
+        sources = load_sources(config, serving=True)
     except ConfigError as e:
         _err(str(e))
         return EX_CONFIG
@@ -379,7 +387,7 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, help=config_help)
     check.set_defaults(run=cmd_check)
 
-    serve = sub.add_parser("serve", help="run the daemon: SMTP proxy and Maildir watcher")
+    serve = sub.add_parser("serve", help="run the daemon: the configured sources (smtp, maildir)")
     serve.add_argument("--checkpoint", type=Path, help="overrides the config's checkpoint")
     serve.add_argument("--config", type=Path, help=config_help)
     serve.set_defaults(run=cmd_serve)

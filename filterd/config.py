@@ -150,12 +150,14 @@ class Config(_Section):
     checks: list[PluginChoice] = []
     sources: list[PluginChoice] = []  # what `filterd serve` runs: smtp, maildir, ...
     _legacy: tuple[str, ...] = PrivateAttr(())  # sections read as sources, for notes
+    _disabled: dict[str, frozenset[str]] = PrivateAttr(default_factory=dict)  # their keys
 
     @model_validator(mode="wrap")
     @classmethod
     def _legacy_sections(cls, data: Any, handler: Any) -> Config:
         """`smtp:` and `maildir:` sections of older configs become entries of `sources`."""
         legacy: list[str] = []
+        disabled: dict[str, frozenset[str]] = {}
         if isinstance(data, dict) and LEGACY_SOURCES.keys() & data.keys():
             data = dict(data)
             sources = list(data.get("sources") or [])
@@ -167,7 +169,8 @@ class Config(_Section):
                     raise ValueError(f"{section}: expected a mapping of settings")
                 options = dict(options)
                 on = options.pop(switch, False) if section == "smtp" else options.get(switch)
-                if not on:
+                if not on:  # off, yet a typo in it is still an error (load_sources)
+                    disabled[section] = frozenset(options)
                     continue
                 if any(isinstance(c, dict) and c.get("name") == section for c in sources):
                     raise ValueError(f"{section}: set it as a `{section}` entry of sources only")
@@ -175,7 +178,7 @@ class Config(_Section):
                 legacy.append(section)
             data["sources"] = sources
         config = handler(data)
-        config._legacy = tuple(legacy)
+        config._legacy, config._disabled = tuple(legacy), disabled
         return config
 
     def source_choices(self) -> list[tuple[str, PluginChoice, str]]:
@@ -183,6 +186,10 @@ class Config(_Section):
         n = len(self.sources) - len(self._legacy)  # legacy sections come last
         found = [(f"sources[{i}]", c, f"sources[{i}].options") for i, c in enumerate(self.sources)]
         return found[:n] + [(s, c, s) for s, c in zip(self._legacy, self.sources[n:], strict=True)]
+
+    def disabled_sections(self) -> dict[str, frozenset[str]]:
+        """An older config's sections that are off, with the keys they set."""
+        return dict(self._disabled)
 
     def notes(self) -> list[str]:
         """How to write the sections of an older config the new way."""

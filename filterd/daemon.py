@@ -70,14 +70,27 @@ class Reloader:
                 await self.reload("checkpoint file changed")
 
 
-def load_sources(config: Config, required: bool = False) -> list[Source]:
-    """The configured sources, built and validated (errors name their config key)."""
-    if required and not config.sources:
+def load_sources(config: Config, serving: bool = False) -> list[Source]:
+    """The configured sources, built and checked as far as can be without starting them
+    (errors name their config key). `serving`: for `filterd serve`, which needs at least
+    one, and none that ends by itself."""
+    if serving and not config.sources:
         raise ConfigError("sources: none configured: add smtp, maildir or another source")
-    return [
-        plugin_api.load("sources", choice, where, config, options_key)
-        for where, choice, options_key in config.source_choices()
-    ]
+    for section, keys in config.disabled_sections().items():
+        known = plugin_api.options_of("sources", section)
+        for key in sorted(keys - known):
+            raise ConfigError(f"{section}.{key}: Extra inputs are not permitted")
+    sources = []
+    for where, choice, options_key in config.source_choices():
+        source = plugin_api.load("sources", choice, where, config, options_key)
+        if serving and source.one_shot:
+            raise ConfigError(
+                f"{where}.name: {choice.name} reads one message and ends (filterd score "
+                "--tag): it cannot run under filterd serve"
+            )
+        source.preflight()
+        sources.append(source)
+    return sources
 
 
 async def _start_sources(engine: Engine, sources: list[Source], timeout: float) -> list[Source]:
@@ -85,7 +98,10 @@ async def _start_sources(engine: Engine, sources: list[Source], timeout: float) 
     started: list[Source] = []
     try:
         for source in sources:
-            await source.start(engine.handle, engine.context)
+            try:
+                await source.start(engine.handle, engine.context)
+            except OSError as e:  # a folder it may not read, no inotify watches left, ...
+                raise ConfigError(f"{source.where}: {source.name} cannot start: {e}") from e
             started.append(source)
     except BaseException:
         await _stop_all(started, timeout)
@@ -94,9 +110,13 @@ async def _start_sources(engine: Engine, sources: list[Source], timeout: float) 
 
 
 async def _stop_all(sources: list[Source], timeout: float) -> None:
-    """All stop accepting first, so none takes mail while another drains."""
-    await asyncio.gather(*(source.stop_accepting() for source in sources))
-    await asyncio.gather(*(source.drain(timeout) for source in sources))
+    """All stop accepting first, so none takes mail while another drains; one that fails
+    to stop still lets the others drain."""
+    for step in (lambda s: s.stop_accepting(), lambda s: s.drain(timeout)):
+        results = await asyncio.gather(*(step(s) for s in sources), return_exceptions=True)
+        for source, result in zip(sources, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("source=%s failed to stop cleanly: %s", source.name, result)
 
 
 def run(engine: Engine, config: Config, checkpoint: Path, sources: list[Source]) -> int:

@@ -20,7 +20,7 @@ no torch.
 from __future__ import annotations
 
 import asyncio
-import functools
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -100,11 +100,16 @@ class Context:
     def __init__(self, config: Config, tagger: Tagger):
         self.config = config
         self.tagger = tagger
+        self._store: Store | None = None
+        self._lock = threading.Lock()  # first used from worker threads
 
-    @functools.cached_property
+    @property
     def store(self) -> Store:
-        q = self.config.quarantine
-        return Store(q.store_path(), q.retention_days)
+        with self._lock:
+            if self._store is None:
+                q = self.config.quarantine
+                self._store = Store(q.store_path(), q.retention_days)
+            return self._store
 
     def failure(self, mail: Mail, why: str) -> Outcome:
         """The failure policy: fail_open delivers with one header saying it was not
@@ -147,6 +152,12 @@ class Source(Plugin, ABC):
     those to be settled, then closes. A one-shot source (stdin) also overrides `finished`,
     which returns its exit status once its input is done; servers run until stopped."""
 
+    one_shot: ClassVar[bool] = False  # ends by itself (stdin): not for `filterd serve`
+
+    def preflight(self) -> None:
+        """Raise ConfigError for what `start` would refuse, without starting anything
+        (`filterd check` calls it); the default has nothing to check."""
+
     @abstractmethod
     async def start(self, handle: Handler, context: Context) -> None:
         """Begin taking mail; return once it is accepted."""
@@ -175,6 +186,17 @@ class Source(Plugin, ABC):
 
 
 _BASES: dict[str, type[Plugin]] = {"checks": Check, "actions": Action, "sources": Source}
+
+
+def options_of(kind: str, name: str) -> set[str]:
+    """The option names a plugin takes (none if it is not installed or fails to load: the
+    error comes where it is used)."""
+    ep = available(kind).get(name)
+    try:
+        cls = ep.load() if ep is not None else None
+    except Exception:  # reported by load() wherever the plugin is used
+        return set()
+    return set(cls.Options.model_fields) if isinstance(cls, type) else set()
 
 
 def available(kind: str) -> dict[str, EntryPoint]:

@@ -264,12 +264,16 @@ class MaildirSource(Source):
         self._slots = asyncio.Semaphore(2 * config.scoring.max_batch)
         self._stopping = False
 
-    async def start(self, handle: Handler, context: Context) -> None:
-        """Repair what a crash left, watch every new/, then take what was already waiting."""
+    def preflight(self) -> None:
+        """Every watched path must be a Maildir already: filterd never creates the mailbox."""
         where = self.where or "maildir"
         for i, root in enumerate(self.roots):
             if not all((root / sub).is_dir() for sub in ("tmp", "new", "cur")):
                 raise ConfigError(f"{where}.paths[{i}]: {root}: not a Maildir (tmp/, new/, cur/)")
+
+    async def start(self, handle: Handler, context: Context) -> None:
+        """Repair what a crash left, watch every new/, then take what was already waiting."""
+        self.preflight()
         self._handle_mail, self._context = handle, context
         self._loop = asyncio.get_running_loop()
         self._workers = _Workers(_WORKERS)
@@ -422,14 +426,16 @@ class MaildirSource(Source):
                     return
                 verdict = outcome.verdict
                 p = None if verdict is None else verdict.probability
+                decided_by = "model" if verdict is None else verdict.decided_by
                 log.log(
                     logging.INFO if found.whole else logging.WARNING,
-                    "source=maildir message_id=%s file=%s label=%s score=%s action=%s to=%s "
+                    "source=maildir message_id=%s file=%s label=%s%s score=%s action=%s to=%s "
                     "latency_ms=%.0f",
                     mail.header("Message-ID") or "-",
                     path,
                     "-" if verdict is None else verdict.label,
-                    "-" if p is None else f"{p:.4f}",
+                    "" if decided_by == "model" else f" decided_by={decided_by}",
+                    "-" if p is None or decided_by != "model" else f"{p:.4f}",
                     "unscored" if verdict is None else verdict.action,
                     where,
                     (time.monotonic() - began) * 1000,
@@ -485,7 +491,7 @@ class MaildirSource(Source):
             if outcome.disposition in ("quarantine", "reject"):
                 folder = self._quarantine_folder(found.root)
                 if folder is None:
-                    return self._to_store(found, here, data, outcome.verdict)
+                    return self._to_store(found, here, outcome.verdict)
                 try:
                     dest = self._open_folder(folder, here)
                 except maildir.NotAFolder as e:
@@ -582,14 +588,13 @@ class MaildirSource(Source):
             os.link(tmp, target.name, **link)
         return target
 
-    def _to_store(
-        self, found: _Found, here: maildir.Dirs, data: bytes, verdict: Verdict | None
-    ) -> str:
-        """Hold the tagged copy in the quarantine store, then remove the original; undone if
-        a mail client took the original meanwhile."""
+    def _to_store(self, found: _Found, here: maildir.Dirs, verdict: Verdict | None) -> str:
+        """Hold the original in the quarantine store, byte for byte as the SMTP source does
+        (a release re-tags it), then remove it here; undone if a mail client took the
+        original meanwhile."""
         assert self._context is not None
         store = self._context.store
-        qid = store.add(Mail(data, origin=str(found.path)), verdict)
+        qid = store.add(Mail(found.raw, origin=str(found.path)), verdict)
         try:
             os.unlink(found.path.name, dir_fd=here.new)
         except FileNotFoundError:

@@ -15,6 +15,8 @@ from filterd.plugin_api import Context, Handler, Options, Source
 class StdinSource(Source):
     """A one-shot source: whole message in, whole message out (never part of one)."""
 
+    one_shot = True
+
     def __init__(
         self,
         options: Options,

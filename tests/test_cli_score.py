@@ -235,9 +235,18 @@ def test_check_validates_sources_and_notes_old_sections(
         tmp_path,
         f"checkpoint: {spam_ck}\nsmtp:\n  enabled: true\n  port: 2525\nmaildir:\n  paths: [{md}]\n",
     )
+    md.mkdir()
+    for sub in ("tmp", "new", "cur"):
+        (md / sub).mkdir()
     code, out, err = run(monkeypatch, capsysbinary, ["check", "--config", old])
     assert code == 0 and b"sources: smtp, maildir" in out
     assert err.count("filterd: note: the ") == 2 and "sources: [{name: smtp" in err
+    # Pipes and cron jobs with the same config are not told each time.
+    code, _, err = run(monkeypatch, capsysbinary, ["score", "--config", old], b"Subject: x\n\ny")
+    assert code == 1 and "note" not in err
+    (md / "new").rmdir()  # what serve would refuse, check refuses too
+    code, _, err = run(monkeypatch, capsysbinary, ["check", "--config", old])
+    assert code == 2 and "maildir.paths[0]: " in err and "not a Maildir" in err
     bad = write_config(
         tmp_path,
         f"checkpoint: {spam_ck}\nsources:\n  - name: smtp\n    options: {{port: 99999}}\n"

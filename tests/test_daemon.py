@@ -214,6 +214,12 @@ def test_sigterm_finishes_messages_in_flight_and_loses_none(tmp_path):
     ("extra", "message"),
     [
         ({"sources": []}, "sources: none configured"),
+        ({"sources": [{"name": "stdin"}]}, "sources[0].name: stdin reads one message and ends"),
+        (
+            {"sources": [{"name": "maildir", "options": {"paths": ["/nonexistent"]}}]},
+            "sources[0].options.paths[0]: /nonexistent: not a Maildir",
+        ),
+        ({"smtp": {"enabled": False, "prot": 25}}, "smtp.prot: Extra inputs are not permitted"),
         ({"scoring": {"reject_threshold": 0.9}}, "scoring.reject_threshold"),
     ],
 )

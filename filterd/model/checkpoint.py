@@ -195,14 +195,14 @@ def _meta(metadata: dict, target: Path, retrain: bool = False) -> CheckpointMeta
         meta = CheckpointMeta(**json.loads(metadata[_META_KEY]))
     except (TypeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{target}: bad filterd metadata ({e})") from e
+    if meta.format != FORMAT:
+        raise CheckpointError(f"{target}: format {meta.format!r}, this filterd reads {FORMAT!r}")
     try:
         if not isinstance(meta.config, dict):
             raise TypeError(f"config is a {type(meta.config).__name__}, not a mapping")
         meta.model_config  # noqa: B018 - validates the family and its architecture fields
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{target}: bad architecture in metadata: {e}") from e
-    if meta.format != FORMAT:
-        raise CheckpointError(f"{target}: format {meta.format!r}, this filterd reads {FORMAT!r}")
     if meta.tokenizer != meta.model_family.tokenizer_name:
         raise CheckpointError(f"{target}: tokenizer {meta.tokenizer!r} is not supported")
     if not isinstance(meta.arch, str) or not meta.arch or not meta.arch.isprintable():

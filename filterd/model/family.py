@@ -26,7 +26,10 @@ class Backbone(nn.Module, ABC):
     then `run_blocks` over any range of `blocks`, then `classify` (the last block, the final
     norm, the family's pooling and `score`, the head)."""
 
-    config: Any  # the family's architecture: a dataclass with n_layer, n_positions, dropout
+    # The family's architecture: a frozen dataclass with at least n_layer, n_positions (the
+    # longest input: checkpoints' max_tokens is checked against it) and dropout, and
+    # to_dict() (what checkpoints store; the family's config_from_dict reads it back).
+    config: Any
     score: nn.Linear  # the head: hidden size -> 2 classes
 
     @property
