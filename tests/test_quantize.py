@@ -96,4 +96,4 @@ def test_score_with_int8_from_the_config(tmp_path, monkeypatch, capsysbinary):
     assert got == pytest.approx(expected, abs=1e-4)
     assert got == pytest.approx(fp32, abs=0.03)
     code, out, _ = run(monkeypatch, capsysbinary, ["check", "--config", config])
-    assert code == 0 and b"(gpt2-mini, int8, threshold 0.5)" in out
+    assert code == 0 and b"(gpt2-mini, int8, threshold 0.5000)" in out

@@ -27,7 +27,8 @@ RANDOM_DEFAULTS = {"lr": 3e-4, "epochs": 5, "trainable": "all", "dropout": 0.2}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="filterd-train",
-        description="Fine-tune GPT-2 as a ham/spam classifier and write a filterd checkpoint.",
+        description="Fine-tune GPT-2 or BERT (MiniLM) as a ham/spam classifier and write a "
+        "filterd checkpoint.",
     )
     p.add_argument("--version", action="version", version=f"filterd-train {__version__}")
     data = p.add_argument_group("data (one source, or --ham and --spam together)")
@@ -46,10 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--init",
         default="gpt2",
-        help="gpt2|gpt2-medium|gpt2-large|gpt2-xl (hub), a weights PATH, a filterd "
-        "checkpoint to retrain, or random (default: gpt2)",
+        help="gpt2|gpt2-medium|gpt2-large|gpt2-xl (hub), minilm-l6 (the installed "
+        "filterd[minilm] extra), a weights PATH (GPT-2, or BERT with config.json and vocab.txt), "
+        "a filterd checkpoint to retrain, or random (default: gpt2)",
     )
-    model.add_argument("--arch", default="gpt2-mini", help="architecture for --init random")
+    model.add_argument(
+        "--arch",
+        default="gpt2-mini",
+        help="architecture for --init random: gpt2-mini, gpt2-tiny, bert-tiny, minilm-l6, ... "
+        "(default: gpt2-mini)",
+    )
     model.add_argument("--max-tokens", type=int, help="token budget per message (default 256)")
     model.add_argument(
         "--dropout", type=float, help="dropout while training from random weights (default 0.2)"
@@ -241,6 +248,7 @@ def initial_model(init: str, arch: str, dropout: float | None):
     """
     from dataclasses import replace
 
+    from filterd.model.bert import Bert, is_bert_folder, load_pretrained_bert
     from filterd.model.checkpoint import is_checkpoint, load_checkpoint
     from filterd.model.pretrained import load_pretrained
     from filterd.model.registry import architecture, family
@@ -258,6 +266,10 @@ def initial_model(init: str, arch: str, dropout: float | None):
         model = fam.build(replace(trained.config, dropout=0.0))
         model.load_state_dict(trained.state_dict())
         return model, meta.arch, meta, fam, tokenizer
+    if init in Bert.pretrained or is_bert_folder(init):  # config.json says model_type bert
+        model, tokenizer = load_pretrained_bert(init)
+        fam = family("bert")
+        return model, fam.architecture_name(model.config), None, fam, tokenizer
     model = load_pretrained(init)  # GPT-2 weights
     fam = family("gpt2")
     return model, fam.architecture_name(model.config), None, fam, fam.tokenizer({})

@@ -9,13 +9,55 @@ registry.py lists the families. A second backbone is then one module plus one en
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict
-from typing import Any, ClassVar
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
 
 from filterd.model.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """What every family's architecture has; a family's config subclasses it (a frozen
+    dataclass) and adds its own dimensions. Every int field must be positive."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_positions: int  # the longest input: checkpoints' max_tokens is checked against it
+    vocab_size: int
+    layer_norm_epsilon: float
+    dropout: float = 0.0
+    n_classes: int = 2
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int) and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}.{f.name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for key in ("layer_norm_epsilon", "dropout"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{key} is {value!r}, not a number")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        """What a checkpoint stores."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Self:
+        """Back from a checkpoint; an unknown field is an error, not ignored."""
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
+        return cls(**data)
 
 
 class Backbone(nn.Module, ABC):
@@ -26,11 +68,25 @@ class Backbone(nn.Module, ABC):
     then `run_blocks` over any range of `blocks`, then `classify` (the last block, the final
     norm, the family's pooling and `score`, the head)."""
 
-    # The family's architecture: a frozen dataclass with at least n_layer, n_positions (the
-    # longest input: checkpoints' max_tokens is checked against it) and dropout, and
-    # to_dict() (what checkpoints store; the family's config_from_dict reads it back).
-    config: Any
+    config: ArchConfig  # the family's subclass of it
     score: nn.Linear  # the head: hidden size -> 2 classes
+
+    @staticmethod
+    def init_weights(module: nn.Module) -> None:
+        """Random weights as GPT-2 and BERT start from (std 0.02, zero biases)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """0..T-1 for the inputs' length; longer than the model's context is an error."""
+        T = input_ids.shape[1]
+        if self.config.n_positions < T:
+            raise ValueError(
+                f"sequence of {T} tokens exceeds n_positions={self.config.n_positions}"
+            )
+        return torch.arange(T, device=input_ids.device)
 
     @property
     @abstractmethod

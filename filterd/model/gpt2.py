@@ -10,51 +10,24 @@ the padding to its right, so a message scores the same alone or in any batch.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from filterd.model.family import Backbone, Family
+from filterd.model.family import ArchConfig, Backbone, Family
 from filterd.model.tokenizer import Tokenizer, gpt2_tokenizer
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(ArchConfig):
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     n_positions: int = 1024
     vocab_size: int = 50257
     layer_norm_epsilon: float = 1e-5
-    dropout: float = 0.0
-    n_classes: int = 2
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type in ("int", int) and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"GPTConfig.{f.name} must be a positive int, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        for key in ("layer_norm_epsilon", "dropout"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"{key} is {value!r}, not a number")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> GPTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
-        return cls(**data)
 
 
 # The public GPT-2 sizes, plus small ones that train from scratch on a CPU (mini) and
@@ -129,18 +102,11 @@ class GPT2Classifier(Backbone):
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.score = nn.Linear(config.n_embd, config.n_classes)
-        self.apply(self._init_weights)
+        self.apply(self.init_weights)
         # GPT-2's scaled init of the projections that feed the residual stream.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -151,12 +117,7 @@ class GPT2Classifier(Backbone):
         return self.ln_f
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        T = input_ids.shape[1]
-        if self.config.n_positions < T:
-            raise ValueError(
-                f"sequence of {T} tokens exceeds n_positions={self.config.n_positions}"
-            )
-        pos = torch.arange(T, device=input_ids.device)
+        pos = self.positions(input_ids)
         return self.drop(self.wte(input_ids) + self.wpe(pos))
 
     def run_blocks(

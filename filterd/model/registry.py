@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from filterd.model.bert import Bert
 from filterd.model.family import Family
 from filterd.model.gpt2 import GPT2
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2(),)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2(), Bert())}
 
 
 def family(name: str) -> Family:
@@ -18,7 +19,7 @@ def family(name: str) -> Family:
 
 
 def architecture(name: str) -> tuple[Family, Any]:
-    """The family and config of a named size (`gpt2`, `gpt2-mini`, ...)."""
+    """The family and config of a named size (`gpt2`, `gpt2-mini`, `minilm-l6`, ...)."""
     for candidate in FAMILIES.values():
         if name in candidate.architectures:
             return candidate, candidate.architectures[name]
