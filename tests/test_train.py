@@ -204,3 +204,61 @@ def test_version(command):
         [Path(sys.executable).parent / command, "--version"], capture_output=True, text=True
     )
     assert (run.returncode, run.stdout) == (0, f"{command} {filterd.__version__}\n")
+
+
+def test_patience_stops_once_validation_loss_stops_falling(sms_lines):
+    tokens, labels = _tokens(sms_lines, 24)
+    flipped = [1 - y for y in labels]  # validation that only gets worse as training learns
+    torch.manual_seed(0)
+    model = GPT2Classifier(ARCHITECTURES["gpt2-tiny"])
+    settings = Settings(epochs=8, trainable=1, lr=3e-3, patience=2)
+    history = train(model, tokens, labels, tokens, flipped, settings, pad_id=ENDOFTEXT)
+    best = history.val_loss.index(min(history.val_loss)) + 1
+    assert history.stopped_epoch == best + 2 < 8
+    assert len(history.val_loss) == history.stopped_epoch and history.best_epoch == best
+
+
+def test_class_weights_change_the_loss(sms_lines):
+    tokens, labels = _tokens(sms_lines, 24)
+    runs = []
+    for weights in (None, (0.6, 3.0)):
+        torch.manual_seed(0)
+        model = GPT2Classifier(ARCHITECTURES["gpt2-tiny"])
+        settings = Settings(epochs=1, trainable=1, lr=1e-3, class_weights=weights)
+        runs.append(train(model, tokens, labels, tokens, labels, settings, pad_id=ENDOFTEXT))
+    # A batch of one class has the same weighted mean; mixed batches do not.
+    assert runs[0].step_losses != pytest.approx(runs[1].step_losses, rel=1e-3)
+
+
+def test_balance_weight_keeps_every_message_and_weights_the_loss(tmp_path, sms_lines):
+    ham = [t for label, t in sms_lines if label == "ham"][:150]
+    spam = [t for label, t in sms_lines if label == "spam"][:50]
+    path = tmp_path / "SMSSlice"
+    path.write_text("".join(f"ham\t{t}\n" for t in ham) + "".join(f"spam\t{t}\n" for t in spam))
+    out = tmp_path / "run"
+    argv = ["--sms", str(path), "--init", "random", "--arch", "gpt2-tiny", "--epochs", "1"]
+    assert cli.main([*argv, "--balance", "weight", "--patience", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    used = report["counts"]["used_per_class"]
+    assert used["ham"] > 2 * used["spam"]  # nothing undersampled
+    ham_w, spam_w = report["settings"]["class_weights"]
+    assert spam_w > 1 > ham_w and report["settings"]["balance"] == "weight"
+    assert filterd.load_classifier(out).score_texts(["hello"])[0] >= 0
+
+
+def test_final_scores_reuse_the_cached_frozen_blocks(sms_lines):
+    """The splits are scored from what the frozen blocks computed during training: the
+    same probabilities as running the whole model again."""
+    from filterd.trainer.train import Batcher, predict
+
+    tokens, labels = _tokens(sms_lines, 16)
+    torch.manual_seed(0)
+    model = GPT2Classifier(ARCHITECTURES["gpt2-tiny"])
+    first = set_trainable(model, 1)
+    cached = Batcher(model, tokens, first, True, ENDOFTEXT)
+    settings = Settings(epochs=1, trainable=1, lr=1e-3)
+    val = Batcher(model, tokens, first, True, ENDOFTEXT)
+    train(model, tokens, labels, tokens, labels, settings, pad_id=ENDOFTEXT, batchers=(cached, val))
+    assert len(cached.cache) == len(tokens)  # filled while training
+    fresh = Batcher(model, tokens, first, False, ENDOFTEXT)
+    assert predict(model, cached) == pytest.approx(predict(model, fresh), abs=1e-6)

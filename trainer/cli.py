@@ -69,7 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=0.1)
     train.add_argument("--trainable", help="last-N or all (default: last-2; all for random)")
     train.add_argument("--seed", type=int, default=123)
-    train.add_argument("--no-balance", action="store_true", help="keep the majority class whole")
+    train.add_argument(
+        "--balance",
+        choices=["undersample", "weight", "none"],
+        default="undersample",
+        help="undersample the majority class (default), keep it whole and weight the loss by "
+        "inverse class frequency, or neither",
+    )
+    train.add_argument(
+        "--no-balance", action="store_const", const="none", dest="balance", help="--balance none"
+    )
+    train.add_argument(
+        "--patience", type=int, help="stop after N epochs without a lower validation loss"
+    )
     train.add_argument("--max-fpr", type=float, default=0.01, help="threshold's bound on FPR")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     train.add_argument("--plot", action="store_true", help="PNG plots next to the checkpoint")
@@ -125,7 +137,9 @@ def run_training(args: argparse.Namespace) -> int:
         raise DataError(f"--max-fpr {args.max_fpr} is not a rate in [0, 1]")
     started = time.monotonic()
     examples = read_examples(args)
-    data = prepare(examples, seed=args.seed, balance=not args.no_balance)
+    if args.patience is not None and args.patience < 1:
+        raise DataError(f"--patience {args.patience}: must be at least 1")
+    data = prepare(examples, seed=args.seed, balance=args.balance == "undersample")
     err.print(f"read {len(examples)} messages: {json.dumps(data.counts)}", highlight=False)
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
@@ -144,6 +158,8 @@ def run_training(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         trainable=parse_trainable(args.trainable or defaults["trainable"]),
         seed=args.seed,
+        patience=args.patience,
+        class_weights=class_weights(data.train) if args.balance == "weight" else None,
     )
     split_tokens = {
         name: [tokenizer.encode(e.text, max_tokens) for e in ex] for name, ex in data.splits()
@@ -155,6 +171,14 @@ def run_training(args: argparse.Namespace) -> int:
         f"{steps} steps, lr {settings.lr}, trainable {args.trainable or defaults['trainable']}",
         highlight=False,
     )
+    # The frozen blocks' output for each message, computed once: for every epoch and again
+    # for the final scores of all three splits. Dropout would make it differ run to run.
+    first = set_trainable(model, settings.trainable)
+    cache = settings.cache_frozen and model.config.dropout == 0
+    batchers = {
+        name: Batcher(model, split_tokens[name], first, cache, tokenizer.pad_id)
+        for name in ("train", "val", "test")
+    }
     with Progress(
         TextColumn("epoch {task.fields[epoch]}"),
         BarColumn(),
@@ -181,13 +205,10 @@ def run_training(args: argparse.Namespace) -> int:
                 highlight=False,
             ),
             pad_id=tokenizer.pad_id,
+            batchers=(batchers["train"], batchers["val"]),
         )
     train_seconds = time.monotonic() - started
-    first = set_trainable(model, settings.trainable)
-    probs = {
-        name: predict(model, Batcher(model, split_tokens[name], first, False, tokenizer.pad_id))
-        for name in ("train", "val", "test")
-    }
+    probs = {name: predict(model, batchers[name]) for name in ("train", "val", "test")}
     threshold = choose_threshold(probs["val"], split_labels["val"], args.max_fpr)
     metrics = {
         name: binary_metrics(probs[name], split_labels[name], threshold)
@@ -210,7 +231,9 @@ def run_training(args: argparse.Namespace) -> int:
             "max_tokens": max_tokens,
             "max_fpr": args.max_fpr,
             "seed": args.seed,
-            "balance": not args.no_balance,
+            "balance": args.balance,
+            "class_weights": settings.class_weights,
+            "patience": settings.patience,
             "device": device,
         },
         "history": history.__dict__ | {"step_losses": history.step_losses[-50:]},
@@ -273,6 +296,14 @@ def initial_model(init: str, arch: str, dropout: float | None):
     model = load_pretrained(init)  # GPT-2 weights
     fam = family("gpt2")
     return model, fam.architecture_name(model.config), None, fam, fam.tokenizer({})
+
+
+def class_weights(train: list[Example]) -> tuple[float, float]:
+    """Loss weights of ham and spam, inverse to their share of the training split, so each
+    class counts as much as the other without dropping any message."""
+    spam = sum(e.y for e in train)
+    ham = len(train) - spam
+    return (len(train) / (2 * ham), len(train) / (2 * spam))
 
 
 def parse_trainable(value: str) -> int | None:

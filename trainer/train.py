@@ -32,6 +32,11 @@ class Settings:
     cache_frozen: bool = True
     evaluate_epochs: bool = True  # per-epoch train/val loss and accuracy (for reports, plots)
     keep_best: bool = True  # end with the weights of the epoch with the lowest validation loss
+    # Stop once the validation loss has not improved for this many epochs (None: never).
+    patience: int | None = None
+    # Loss weight of ham and spam (e.g. inverse class frequency when nothing is
+    # undersampled); None: equal.
+    class_weights: tuple[float, float] | None = None
 
 
 @dataclass
@@ -42,6 +47,7 @@ class History:
     val_accuracy: list[float] = field(default_factory=list)
     step_losses: list[float] = field(default_factory=list)
     best_epoch: int | None = None  # 1-based; the epoch whose weights were kept
+    stopped_epoch: int | None = None  # 1-based; set when patience ended the run early
 
 
 def set_trainable(model: Backbone, last: int | None) -> int:
@@ -158,12 +164,14 @@ def train(
     on_epoch: Callable[[int, History], None] | None = None,
     *,
     pad_id: int,
+    batchers: tuple[Batcher, Batcher] | None = None,
 ) -> History:
     """AdamW over the trainable parameters; returns per-epoch and per-step losses.
 
     `on_step(epoch, step, loss)` and `on_epoch(epoch, history)` let a caller show
     progress; `max_steps` stops early (for tests that compare a few steps). `pad_id` is the
-    tokenizer's padding token.
+    tokenizer's padding token. `batchers` (train, val) lets the caller keep what the frozen
+    blocks computed, to score the splits afterwards without running them again.
     """
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
@@ -174,9 +182,14 @@ def train(
     optimizer = torch.optim.AdamW(
         params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True
     )
-    train_batcher = Batcher(model, train_tokens, first, settings.cache_frozen, pad_id)
-    val_batcher = Batcher(model, val_tokens, first, settings.cache_frozen, pad_id)
+    train_batcher, val_batcher = batchers or (
+        Batcher(model, train_tokens, first, settings.cache_frozen, pad_id),
+        Batcher(model, val_tokens, first, settings.cache_frozen, pad_id),
+    )
     targets = torch.tensor(train_labels, device=train_batcher.device)
+    weight = None
+    if settings.class_weights is not None:
+        weight = torch.tensor(settings.class_weights, device=train_batcher.device)
     history = History()
     lengths = [len(t) for t in train_tokens]
     step = 0
@@ -184,7 +197,8 @@ def train(
     for epoch in range(settings.epochs):
         model.train()
         for batch in train_batches(lengths, settings.batch_size, rng):
-            loss = F.cross_entropy(logits(model, train_batcher, batch), targets[batch])
+            out = logits(model, train_batcher, batch)
+            loss = F.cross_entropy(out, targets[batch], weight=weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -207,6 +221,10 @@ def train(
             best = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if on_epoch:
             on_epoch(epoch, history)
+        since_best = len(history.val_loss) - 1 - history.val_loss.index(min(history.val_loss))
+        if settings.patience is not None and since_best >= settings.patience:
+            history.stopped_epoch = epoch + 1
+            break
     if best is not None:
         # Small data sets overfit within a few epochs: the validation loss picks the epoch.
         model.load_state_dict(best)
