@@ -34,7 +34,12 @@ LAYERS = [
     ("filterd.text", "filterd.verdict", "filterd.mail", "filterd.headers", "filterd.config"),
     ("filterd.store", "filterd.download"),
     # tokenizers and model families
-    ("filterd.model.tokenizer", "filterd.model.family", "filterd.model.gpt2"),
+    (
+        "filterd.model.tokenizer",
+        "filterd.model.family",
+        "filterd.model.layers",
+        "filterd.model.gpt2",
+    ),
     # checkpoint, pretrained weights, int8, the classifier and its child process
     ("filterd.model",),
     ("filterd.plugin_api", "filterd.engine"),

@@ -27,10 +27,10 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from filterd.model.family import ArchConfig, Backbone, Family
+from filterd.model.layers import MLP, SelfAttention
 from filterd.model.pretrained import PretrainedError, read_weights, resolve
 from filterd.model.tokenizer import Tokenizer
 
@@ -54,45 +54,14 @@ ARCHITECTURES: dict[str, BertConfig] = {
 }
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.n_head = config.n_head
-        self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """`real` (batch, 1, 1, time) is True at real tokens: nobody attends to padding."""
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=real, dropout_p=p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
-        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))  # exact (erf) GELU, as BERT
-
-
 class Block(nn.Module):
     """Post-LN: add, then normalize (GPT-2 normalizes first)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.attn = SelfAttention(config)
+        self.attn = SelfAttention(config, causal=False)
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config.n_embd, config.n_inner, config.dropout, "none")  # exact GELU
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
     def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

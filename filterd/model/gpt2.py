@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from filterd.model.family import ArchConfig, Backbone, Family
+from filterd.model.layers import MLP, SelfAttention
 from filterd.model.tokenizer import Tokenizer, gpt2_tokenizer
 
 
@@ -42,50 +43,13 @@ ARCHITECTURES: dict[str, GPTConfig] = {
 }
 
 
-class Linear(nn.Linear):
-    """nn.Linear that can also compute a slice of its outputs (the int8 twin has it too)."""
-
-    def rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return F.linear(x, self.weight[start:stop], self.bias[start:stop])
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.n_head = config.n_head
-        self.dropout = config.dropout
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
-
-
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = CausalSelfAttention(config)
+        self.attn = SelfAttention(config, causal=True)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config.n_embd, 4 * config.n_embd, config.dropout, "tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
