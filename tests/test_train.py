@@ -246,6 +246,30 @@ def test_balance_weight_keeps_every_message_and_weights_the_loss(tmp_path, sms_l
     assert filterd.load_classifier(out).score_texts(["hello"])[0] >= 0
 
 
+def test_defaults_weight_mail_and_undersample_sms(tmp_path, sms_lines):
+    """Mail keeps every message with a class-weighted loss, SMS is undersampled; both stop
+    early after DEFAULT_PATIENCE epochs without a lower validation loss."""
+    from tests.conftest import SPAMASSASSIN
+
+    folders = {"ham": tmp_path / "ham", "spam": tmp_path / "spam"}
+    for label, source, n in (("ham", "easy_ham", 60), ("spam", "spam", 20)):
+        folders[label].mkdir()
+        for f in sorted((SPAMASSASSIN / source).iterdir())[:n]:
+            (folders[label] / f.name).write_bytes(f.read_bytes())
+    sms = tmp_path / "SMSSlice"
+    sms.write_text("".join(f"{label}\t{t}\n" for label, t in sms_lines[:120]))
+    tiny = ["--init", "random", "--arch", "gpt2-tiny", "--epochs", "1", "--max-tokens", "32"]
+    mail = ["--ham", str(folders["ham"]), "--spam", str(folders["spam"])]
+    for data, expected in ((mail, "weight"), (["--sms", str(sms)], "undersample")):
+        out = tmp_path / expected
+        assert cli.main([*data, *tiny, "--out", str(out)]) == 0
+        report = json.loads((out / "metrics.json").read_text())
+        assert report["settings"]["balance"] == expected
+        assert report["settings"]["patience"] == cli.DEFAULT_PATIENCE
+        used = report["counts"]["used_per_class"]
+        assert (used["ham"] == used["spam"]) == (expected == "undersample")
+
+
 def test_final_scores_reuse_the_cached_frozen_blocks(sms_lines):
     """The splits are scored from what the frozen blocks computed during training: the
     same probabilities as running the whole model again."""
