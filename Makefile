@@ -1,6 +1,6 @@
 # make setup  - a virtualenv in .venv with filterd, its test and minilm extras and a CPU torch
 # make test   - setup, then lint and the whole test suite (what CI runs)
-# make demo   - setup, then train a small classifier on the SMS collection and score mail
+# make demo   - setup, then fine-tune MiniLM on the SMS collection and score a message
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU wheel of this exact version lies on disk here; elsewhere, add
@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 SMS ?= ../shared/datasets/sms-spam-collection/SMSSpamCollection
-DEMO_OUT ?= runs/sms-mini
+DEMO_OUT ?= runs/sms-minilm
 BIN = $(VENV)/bin
 
 .PHONY: setup test demo lint
@@ -29,7 +29,7 @@ test: lint
 	$(BIN)/pytest
 
 demo: setup
-	$(BIN)/filterd-train --sms $(SMS) --init random --arch gpt2-mini --out $(DEMO_OUT)
+	$(BIN)/filterd-train --sms $(SMS) --init minilm-l6 --out $(DEMO_OUT)
 	printf 'Subject: You WON a prize\n\nCall 09061701461 now to claim your free entry!\n' \
 		| $(BIN)/filterd score --checkpoint $(DEMO_OUT); test $$? -le 1
 	@echo "demo model: $(DEMO_OUT) (trained on SMS texts: a demonstration, not a mail filter;"

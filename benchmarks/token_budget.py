@@ -4,7 +4,7 @@ A cheap stand-in for two full fine-tuning runs (a 512-token run costs about 2.3x
 256-token one): pretrained all-MiniLM-L6-v2, frozen, read each message cut to the budget
 by filterd's own head+tail cut; its mean-pooled embedding (the `bert` family's `pool`)
 feeds a logistic regression trained on a sample of the checkpoint's train split and
-scored on the whole val split. The test split is never read.
+scored on the whole val split. Nothing from the test split is used.
 
     .venv/bin/python benchmarks/token_budget.py runs/sa-minilm [--train 1000]
 """
@@ -31,8 +31,7 @@ def embeddings(model, tokens: list[list[int]], pad_id: int) -> torch.Tensor:
     out = torch.zeros(len(tokens), model.config.n_embd)
     for batch in length_batches([len(t) for t in tokens], 8192, 64):
         ids, lengths = pad_batch([tokens[i] for i in batch], pad_id, "cpu")
-        hidden = model.run_blocks(model.embed(ids), lengths)
-        out[batch] = model.pool(hidden, lengths)
+        out[batch] = model.sentence_embedding(ids, lengths)
     return out
 
 
@@ -53,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(train)} train (sampled), {len(val)} val; frozen minilm-l6, mean-pooled")
     print("| max tokens | messages cut | val accuracy (t on val) | val acc at 0.5 | val AUC | s |")
     print("| --- | --- | --- | --- | --- | --- |")
+    full = [len(tokenizer.ids(e.text)) + 2 for e in train + val]
     for budget in args.budgets:
         started = time.monotonic()
-        full = [len(tokenizer.ids(e.text)) + 2 for e in train + val]
         x = {
             name: embeddings(
                 model, [tokenizer.encode(e.text, budget) for e in ex], tokenizer.pad_id

@@ -149,6 +149,7 @@ def test_retraining_from_a_checkpoint(tmp_path, sms_slice):
             "last-N",
         ),
         (["--sms", str(SMS_FILE), "--init", "/no/such/weights", "--out", "x"], "neither a file"),
+        (["--sms", str(SMS_FILE), "--out", "x", "--patience", "-1"], "--patience -1"),
     ],
 )
 def test_cli_errors_are_clear(argv, message, capsys, tmp_path, monkeypatch):
@@ -268,6 +269,9 @@ def test_defaults_weight_mail_and_undersample_sms(tmp_path, sms_lines):
         assert report["settings"]["patience"] == cli.DEFAULT_PATIENCE
         used = report["counts"]["used_per_class"]
         assert (used["ham"] == used["spam"]) == (expected == "undersample")
+        train = report["train"]  # per-epoch and final train figures: a fixed sample
+        assert train["n"] == min(512, report["counts"]["per_split"]["train"])
+        assert train.get("sample_of", train["n"]) == report["counts"]["per_split"]["train"]
 
 
 def test_final_scores_reuse_the_cached_frozen_blocks(sms_lines):
@@ -286,3 +290,17 @@ def test_final_scores_reuse_the_cached_frozen_blocks(sms_lines):
     assert len(cached.cache) == len(tokens)  # filled while training
     fresh = Batcher(model, tokens, first, False, ENDOFTEXT)
     assert predict(model, cached) == pytest.approx(predict(model, fresh), abs=1e-6)
+
+
+def test_train_figures_on_a_fixed_sample_score_as_the_full_pass(sms_lines):
+    from filterd.trainer.train import Batcher, predict, train_sample
+
+    tokens, _ = _tokens(sms_lines, 16)
+    torch.manual_seed(0)
+    model = GPT2Classifier(ARCHITECTURES["gpt2-tiny"]).eval()
+    batcher = Batcher(model, tokens, set_trainable(model, 1), True, ENDOFTEXT)
+    sample = train_sample(len(tokens), Settings(train_eval_sample=5))
+    assert len(sample) == 5 and sample == sorted(set(sample))
+    assert sample == train_sample(len(tokens), Settings(train_eval_sample=5))  # seeded
+    full = predict(model, batcher)
+    assert predict(model, batcher, sample) == pytest.approx([full[i] for i in sample], abs=1e-6)

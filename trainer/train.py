@@ -131,6 +131,12 @@ def train_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -
     return batches
 
 
+def train_sample(n: int, settings: Settings) -> list[int]:
+    """The fixed train messages that the train figures (per epoch and final) are on."""
+    size = min(n, settings.train_eval_sample)
+    return sorted(random.Random(settings.seed).sample(range(n), size))
+
+
 @torch.no_grad()
 def predict(model: Backbone, batcher: Batcher, indices: Sequence[int] | None = None) -> list[float]:
     """Spam probability of every message the batcher holds, or of those at `indices`."""
@@ -198,8 +204,7 @@ def train(
         weight = torch.tensor(settings.class_weights, device=train_batcher.device)
     history = History()
     lengths = [len(t) for t in train_tokens]
-    n_sample = min(len(train_tokens), settings.train_eval_sample)
-    sample = sorted(random.Random(settings.seed).sample(range(len(train_tokens)), n_sample))
+    sample = train_sample(len(train_tokens), settings)
     step = 0
     best: dict[str, torch.Tensor] | None = None
     for epoch in range(settings.epochs):
