@@ -84,18 +84,27 @@ def hf_model(arch: str, config, pad_id: int) -> torch.nn.Module:
     )
 
 
-def hf_scores(model: torch.nn.Module, ids: list[list[int]], batch: int, pad_id: int) -> None:
+def hf_batch(chunk: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids and attention mask, as a transformers user builds them."""
+    width = max(map(len, chunk))
+    x = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for row, t in enumerate(chunk):
+        x[row, : len(t)] = torch.tensor(t)
+        mask[row, : len(t)] = 1
+    return x.to(device), mask.to(device)
+
+
+def hf_scores(
+    model: torch.nn.Module, ids: list[list[int]], batch: int, pad_id: int, device: str = "cpu"
+) -> list[float]:
+    scores = []
     with torch.inference_mode():
         for i in range(0, len(ids), batch):
-            chunk = ids[i : i + batch]
-            width = max(map(len, chunk))
-            x = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, t in enumerate(chunk):
-                x[row, : len(t)] = torch.tensor(t)
-                mask[row, : len(t)] = 1
+            x, mask = hf_batch(ids[i : i + batch], pad_id, device)
             out = model(input_ids=x, attention_mask=mask)
-            torch.softmax(getattr(out, "logits", out).float(), -1)[:, 1]
+            scores += torch.softmax(getattr(out, "logits", out).float(), -1)[:, 1].tolist()
+    return scores
 
 
 def main() -> None:

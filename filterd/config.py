@@ -18,7 +18,8 @@ from filterd.text import TextLimits
 
 DEFAULT_PATH = Path("/etc/filterd/config.yaml")
 
-Precision = Literal["float32", "int8"]  # how the model's Linear layers compute
+# How the model computes: int8 Linear layers on a CPU; half precision on a CUDA GPU.
+Precision = Literal["float32", "int8", "bfloat16", "float16"]
 
 
 def state_dir() -> Path:
@@ -200,9 +201,14 @@ class Config(_Section):
         ]
 
     @model_validator(mode="after")
-    def _int8_on_cpu(self) -> Config:
+    def _precision_fits_device(self) -> Config:
         if self.precision == "int8" and self.device != "cpu":
             raise ValueError("precision: int8 runs on the CPU only; set device: cpu")
+        if self.precision in ("bfloat16", "float16") and self.device == "cpu":
+            raise ValueError(
+                f"precision: {self.precision} is for a CUDA GPU (device: cuda or auto); "
+                "on a CPU use float32 or int8"
+            )
         return self
 
 

@@ -179,6 +179,8 @@ def run_training(args: argparse.Namespace) -> int:
         seed=args.seed,
         patience=args.patience or None,
         class_weights=class_weights(data.train) if args.balance == "weight" else None,
+        # On a GPU: bfloat16 forward passes, float32 master weights (README, GPU).
+        autocast=torch.bfloat16 if device == "cuda" else None,
     )
     split_tokens = {
         name: [tokenizer.encode(e.text, max_tokens) for e in ex] for name, ex in data.splits()
@@ -195,7 +197,7 @@ def run_training(args: argparse.Namespace) -> int:
     first = set_trainable(model, settings.trainable)
     cache = settings.cache_frozen and model.config.dropout == 0
     batchers = {
-        name: Batcher(model, split_tokens[name], first, cache, tokenizer.pad_id)
+        name: Batcher(model, split_tokens[name], first, cache, tokenizer.pad_id, settings.autocast)
         for name in ("train", "val", "test")
     }
     with Progress(
@@ -260,6 +262,9 @@ def run_training(args: argparse.Namespace) -> int:
             "class_weights": settings.class_weights,
             "patience": settings.patience,
             "device": device,
+            "autocast": str(settings.autocast).removeprefix("torch.")
+            if settings.autocast
+            else None,
         },
         "history": history.__dict__ | {"step_losses": history.step_losses[-50:]},
     }

@@ -37,6 +37,9 @@ class Settings:
     keep_best: bool = True  # end with the weights of the epoch with the lowest validation loss
     # Stop once the validation loss has not improved for this many epochs (None: never).
     patience: int | None = None
+    # Forward passes in this dtype under autocast (bfloat16 on a GPU), weights and optimizer
+    # state in float32; None: float32 throughout.
+    autocast: torch.dtype | None = None
     # Loss weight of ham and spam (e.g. inverse class frequency when nothing is
     # undersampled); None: equal.
     class_weights: tuple[float, float] | None = None
@@ -80,11 +83,23 @@ class Batcher:
     """
 
     def __init__(
-        self, model: Backbone, tokens: Sequence[list[int]], first: int, cache: bool, pad_id: int
+        self,
+        model: Backbone,
+        tokens: Sequence[list[int]],
+        first: int,
+        cache: bool,
+        pad_id: int,
+        autocast: torch.dtype | None = None,
     ):
         self.model, self.tokens, self.first, self.pad_id = model, tokens, first, pad_id
         self.cache: dict[int, torch.Tensor] | None = {} if cache and first > 0 else None
         self.device = next(model.parameters()).device
+        self.autocast = autocast
+
+    def amp(self) -> torch.autocast:
+        """The forward passes' autocast context (a no-op without a dtype)."""
+        dtype = self.autocast or torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast is not None)
 
     def __call__(self, batch: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cache is None:
@@ -113,9 +128,11 @@ class Batcher:
 
 
 def logits(model: Backbone, batcher: Batcher, batch: Sequence[int]) -> torch.Tensor:
-    x, lengths = batcher(batch)
-    x = model.run_blocks(x, lengths, batcher.first, len(model.blocks) - 1)
-    return model.classify(x, lengths)
+    """float32 logits, whatever dtype the forward pass ran in."""
+    with batcher.amp():
+        x, lengths = batcher(batch)
+        x = model.run_blocks(x, lengths, batcher.first, len(model.blocks) - 1)
+        return model.classify(x, lengths).float()
 
 
 def train_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -195,8 +212,8 @@ def train(
         params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True
     )
     train_batcher, val_batcher = batchers or (
-        Batcher(model, train_tokens, first, settings.cache_frozen, pad_id),
-        Batcher(model, val_tokens, first, settings.cache_frozen, pad_id),
+        Batcher(model, train_tokens, first, settings.cache_frozen, pad_id, settings.autocast),
+        Batcher(model, val_tokens, first, settings.cache_frozen, pad_id, settings.autocast),
     )
     targets = torch.tensor(train_labels, device=train_batcher.device)
     weight = None

@@ -25,6 +25,7 @@ from filterd.text import TextLimits, message_text
 # Micro-batches group messages of similar length and hold at most this many padded
 # tokens, so one long message never drags a whole batch to its length.
 BATCH_TOKENS = 8192
+HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_BATCH = 64
 
 Progress = Callable[[int], None]  # told how many more messages are done
@@ -92,6 +93,8 @@ class Classifier(Scorer):
         if precision == "int8":
             quantize_int8(self.model)
             self.max_batch = 1
+        elif precision in HALF:  # weights and activations in half precision; scores in float64
+            self.model.to(HALF[precision])
 
     def tokens(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, self.meta.max_tokens)
