@@ -98,7 +98,9 @@ def serving(hop, limit: int = 1 << 16):
     try:
         yield hop
     finally:
-        server.close()
+        # The server belongs to the hop's loop: closing it from this thread raced with the
+        # loop's own bookkeeping of a connection that had just ended (a CI teardown error).
+        hop.loop.call_soon_threadsafe(server.close)
         hop.loop.call_soon_threadsafe(hop.loop.stop)
         thread.join(5)
 
