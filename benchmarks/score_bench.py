@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2ForSequenceClassification
 
+from filterd.model.batching import batch_tokens
 from filterd.model.checkpoint import CheckpointMeta
-from filterd.model.classifier import BATCH_TOKENS, Classifier
+from filterd.model.classifier import Classifier
 from filterd.model.registry import architecture
 from filterd.text import message_text
 
@@ -128,7 +129,7 @@ def main() -> None:
     clf8 = Classifier(copy.deepcopy(ours), meta, precision="int8", tokenizer=tokenizer)
     clf = Classifier(ours, meta, tokenizer=tokenizer)
     ids = [clf.tokens(message_text(r)) for r in raws]
-    batch = BATCH_TOKENS // args.max_tokens  # what filterd's batches hold at full length
+    batch = batch_tokens("cpu") // args.max_tokens  # what filterd's batches hold at full length
     hf = hf_model(args.arch, config, tokenizer.pad_id).eval()
 
     tokens = sum(map(len, ids))
@@ -145,17 +146,23 @@ def main() -> None:
     t_model = timed(lambda: clf.score_tokens(ids))
     t_hf = timed(lambda: hf_scores(hf, ids, batch, tokenizer.pad_id))
     t_int8 = timed(lambda: clf8.score_messages(raws))
+    clf.batch_tokens = 8192  # the size used before batch_tokens() chose 2,048 on a CPU
+    clf.score_tokens(ids[:40])
+    t_8192 = timed(lambda: clf.score_messages(raws))
+    clf.batch_tokens = batch_tokens("cpu")
     n = len(raws)
     print(f"filterd (extract + tokenize + model):      {n / t_ours:7.2f} msgs/s  ({t_ours:.1f} s)")
     print(
         f"filterd (model only, same ids):            {n / t_model:7.2f} msgs/s  ({t_model:.1f} s)"
     )
     print(f"filterd int8 (extract + tokenize + model): {n / t_int8:7.2f} msgs/s  ({t_int8:.1f} s)")
+    print(f"filterd, 8,192-token batches (before):     {n / t_8192:7.2f} msgs/s  ({t_8192:.1f} s)")
     print(f"transformers {type(hf).__name__ + ':':29}{n / t_hf:7.2f} msgs/s  ({t_hf:.1f} s)")
     print(
         f"ratio filterd / transformers: {t_hf / t_ours:.2f}x end to end, "
         f"{t_hf / t_model:.2f}x model only; int8: {t_hf / t_int8:.2f}x end to end"
     )
+    print(f"ratio batches of {clf.batch_tokens} / 8,192 tokens: {t_8192 / t_ours:.2f}x end to end")
 
 
 if __name__ == "__main__":

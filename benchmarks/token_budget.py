@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from filterd.model.batching import length_batches, pad_batch
+from filterd.model.batching import batch_tokens, length_batches, pad_batch
 from filterd.model.bert import load_pretrained_bert
 from filterd.trainer.data import read_split
 from filterd.trainer.metrics import binary_metrics, choose_threshold, roc_auc
@@ -29,7 +29,7 @@ from filterd.trainer.metrics import binary_metrics, choose_threshold, roc_auc
 @torch.inference_mode()
 def embeddings(model, tokens: list[list[int]], pad_id: int) -> torch.Tensor:
     out = torch.zeros(len(tokens), model.config.n_embd)
-    for batch in length_batches([len(t) for t in tokens], 8192, 64):
+    for batch in length_batches([len(t) for t in tokens], batch_tokens("cpu"), 64):
         ids, lengths = pad_batch([tokens[i] for i in batch], pad_id, "cpu")
         out[batch] = model.sentence_embedding(ids, lengths)
     return out

@@ -1,6 +1,8 @@
 import json
 import logging
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -167,3 +169,30 @@ def test_retraining_accepts_any_text_version(tmp_path, tiny_model):
     for version in (1, TEXT_VERSION + 1):
         _rewrite_meta(path, text_version=version)
         assert load_checkpoint(path, retrain=True).meta.text_version == version
+
+
+def test_loading_draws_no_random_weights_and_stays_trainable(tmp_path, tiny_model):
+    """The model is built without storage and takes the file's tensors: no random draw
+    (on meta tensors torch's normal_ imports torch._dynamo, 1.5 s of every `filterd
+    score`), and the parameters are ordinary trainable tensors for a retrain."""
+    path = save_checkpoint(tmp_path / "ck", tiny_model, _meta(tiny_model))
+    probe = (
+        "import sys, torch\n"
+        "from filterd.model.checkpoint import load_checkpoint\n"
+        "torch.manual_seed(0); before = torch.rand(1)\n"
+        "torch.manual_seed(0)\n"
+        f"model, _, _ = load_checkpoint({str(path)!r})\n"
+        "assert torch.equal(torch.rand(1), before), 'the generator moved: weights were drawn'\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "assert all(p.requires_grad and not p.is_meta for p in model.parameters())\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=120)
+    model, _, _ = load_checkpoint(path)
+    loss = model(torch.tensor([[1, 2, 3]]), torch.tensor([3])).sum()
+    loss.backward()
+    torch.optim.AdamW(model.parameters()).step()  # in place on the loaded tensors
+    changed = any(
+        not torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), tiny_model.state_dict().values(), strict=True)
+    )
+    assert changed

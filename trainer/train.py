@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from filterd.model.batching import length_batches, pad_batch
+from filterd.model.batching import batch_tokens, length_batches, pad_batch
 from filterd.model.family import Backbone
-
-EVAL_BATCH_TOKENS = 8192
 
 
 @dataclass
@@ -119,7 +117,7 @@ class Batcher:
     @torch.no_grad()
     def _fill(self, indices: list[int]) -> None:
         lengths = [len(self.tokens[i]) for i in indices]
-        for group in length_batches(lengths, EVAL_BATCH_TOKENS, 64):
+        for group in length_batches(lengths, batch_tokens(self.device), 64):
             chosen = [indices[g] for g in group]
             ids, lens = pad_batch([self.tokens[i] for i in chosen], self.pad_id, self.device)
             x = self.model.run_blocks(self.model.embed(ids), lens, 0, self.first)
@@ -162,7 +160,7 @@ def predict(model: Backbone, batcher: Batcher, indices: Sequence[int] | None = N
     indices = range(len(batcher.tokens)) if indices is None else indices
     lengths = [len(batcher.tokens[i]) for i in indices]
     probs = [0.0] * len(lengths)
-    for batch in length_batches(lengths, EVAL_BATCH_TOKENS, 64):
+    for batch in length_batches(lengths, batch_tokens(batcher.device), 64):
         chosen = [indices[j] for j in batch]
         p = torch.softmax(logits(model, batcher, chosen).double(), dim=-1)[:, 1]
         for j, value in zip(batch, p.tolist(), strict=True):

@@ -12,6 +12,13 @@ from collections.abc import Sequence
 import torch
 
 
+def batch_tokens(device: torch.device | str) -> int:
+    """Padded tokens per forward batch. On a CPU a batch's activations should stay in
+    cache: 2,048 scored MiniLM 1.3x faster than 8,192 on 2 cores (gpt2 no slower); an
+    accelerator wants big batches."""
+    return 2048 if torch.device(device).type == "cpu" else 8192
+
+
 def length_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> list[list[int]]:
     """Indices grouped by similar length, each group's padded size within max_tokens."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)

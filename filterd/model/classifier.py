@@ -15,16 +15,13 @@ from typing import get_args
 import torch
 
 from filterd.config import Precision
-from filterd.model.batching import length_batches, pad_batch
+from filterd.model.batching import batch_tokens, length_batches, pad_batch
 from filterd.model.checkpoint import CheckpointMeta, load_checkpoint
 from filterd.model.family import Backbone
 from filterd.model.quantize import quantize_int8
 from filterd.model.tokenizer import Tokenizer
 from filterd.text import TextLimits, message_text
 
-# Micro-batches group messages of similar length and hold at most this many padded
-# tokens, so one long message never drags a whole batch to its length.
-BATCH_TOKENS = 8192
 HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_BATCH = 64
 
@@ -90,6 +87,9 @@ class Classifier(Scorer):
         # int8 quantizes activations per input tensor: one message per batch keeps each
         # score independent of its batch-mates (and it wastes no work on padding).
         self.max_batch = MAX_BATCH
+        # Micro-batches of similar lengths, at most this many padded tokens each, so one
+        # long message never drags a whole batch to its length.
+        self.batch_tokens = batch_tokens(self.device)
         if precision == "int8":
             quantize_int8(self.model)
             self.max_batch = 1
@@ -123,7 +123,8 @@ class Classifier(Scorer):
         self, token_lists: Sequence[list[int]], progress: Progress | None = None
     ) -> list[float]:
         scores = [0.0] * len(token_lists)
-        batches = length_batches([len(t) for t in token_lists], BATCH_TOKENS, self.max_batch)
+        lengths = [len(t) for t in token_lists]
+        batches = length_batches(lengths, self.batch_tokens, self.max_batch)
         with self._model_lock:
             for batch in batches:
                 tokens = [token_lists[i] for i in batch]
