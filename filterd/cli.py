@@ -305,6 +305,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                     value = datetime.fromtimestamp(value).astimezone().isoformat(timespec="seconds")
                 print(f"{key}: {value}")
         elif args.action == "release":
+            original = store.read(args.id)  # before a release removes it
             h = config.headers
             tagger = Tagger(load_secret(h.secret_path()), h.prefix, h.subject_prefix)
             threshold = 0.5 if config.scoring.threshold is None else config.scoring.threshold
@@ -317,6 +318,8 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
             else:  # stdout cannot confirm it kept the message, so the store keeps it too
                 sys.stdout.buffer.write(store.released(args.id, tagger, threshold))
                 sys.stdout.flush()
+            if not args.no_learn:
+                _learn_released(original, config)
         elif args.action == "delete":
             store.delete(args.id)
         else:
@@ -328,6 +331,153 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     finally:
         for problem in problems:
             _err(f"quarantine: {problem}")
+    return 0
+
+
+# --- learn --------------------------------------------------------------------------------
+
+
+def _messages(paths: list[Path]) -> Iterator[tuple[str, bytes | OSError]]:
+    """(origin, bytes) of each message named, or of stdin; (origin, error) for what cannot
+    be read, so one bad file does not stop the others."""
+    from filterd.mailfiles import raw_messages
+
+    if not paths:
+        yield "-", sys.stdin.buffer.read()
+        return
+    for path in paths:
+        try:
+            yield from raw_messages(path)
+        except OSError as e:
+            yield str(path), e
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    """Labels into the feedback store, as `sa-learn --spam/--ham/--forget` (README "Learning
+    from corrections"); the summary on stderr, `--stats` on stdout."""
+    from filterd.learning import open_store
+    from filterd.store.feedback import FeedbackError
+
+    try:
+        config = _config(args)
+    except ConfigError as e:
+        _err(str(e))
+        return EX_CONFIG
+    store = open_store(config)
+    if args.stats:
+        stats = store.stats()
+        if args.json:
+            print(json.dumps(stats))
+        else:
+            print(f"{stats['total']} labelled messages in {store.root}")
+            for title in ("by_label", "by_source"):
+                for key, n in sorted(stats[title].items()):
+                    print(f"{n:8d}  {key}")
+        return 0
+    label = "spam" if args.spam else "ham"
+    kind = "replay" if args.replay else "feedback"
+    try:
+        record = _recorder(config, store.root, args)
+    except ConfigError as e:
+        _err(str(e))
+        return EX_CONFIG
+    counts: dict[str, int] = {}
+    failed = 0
+    for origin, raw in _messages(args.paths):
+        if isinstance(raw, OSError):  # the message's file
+            _err(str(raw))
+            failed += 1
+            continue
+        try:
+            outcome = record(raw)
+        except FeedbackError as e:
+            _err(f"{origin}: {e}")
+            failed += 1
+            continue
+        except OSError as e:  # the store: a full disk, no permission; what is in it stays
+            _err(f"cannot write the feedback store {store.root}: {e.strerror or e}; stopped")
+            return EX_SOME_FAILED
+        counts[outcome] = counts.get(outcome, 0) + 1
+    if not args.forget and os.access(store.root, os.W_OK):
+        store.prune()
+    done = ", ".join(f"{n} {outcome}" for outcome, n in counts.items()) or "none recorded"
+    what = "forget" if args.forget else f"{kind} {label}"
+    _err(f"learn ({what}): {done}" + (f", {failed} failed" if failed else ""))
+    return EX_SOME_FAILED if failed else 0
+
+
+def _recorder(config: Config, root: Path, args: argparse.Namespace):
+    """What records one message: into the store, or through the daemon's socket when
+    asked to (--via-daemon) or when this user may not write the store and
+    learning.socket is set."""
+    from filterd.learning import forget, learn
+
+    action = "forget" if args.forget else "spam" if args.spam else "ham"
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if args.via_daemon and not config.learning.socket:
+        raise ConfigError("--via-daemon: learning.socket is not set in the config")
+    if args.via_daemon or (config.learning.socket and not os.access(existing, os.W_OK)):
+        from filterd.learn_socket import send
+
+        return lambda raw: send(config.learning.socket, action, raw, args.replay)
+    kind = "replay" if args.replay else "feedback"
+
+    def here(raw: bytes) -> str:
+        if args.forget:
+            forget(raw, config)
+            return "forgotten"
+        return learn(raw, action, source=args.source, kind=kind, config=config, prune=False)
+
+    return here
+
+
+def _learn_released(raw: bytes, config: Config) -> None:
+    """A released message is a false positive a person confirmed: feedback labelled ham.
+    The release stands if this fails; it is said on stderr."""
+    from filterd.learning import learn
+    from filterd.store.feedback import FeedbackError
+
+    try:
+        learn(raw, "ham", source="quarantine-release", config=config)
+    except (FeedbackError, OSError) as e:
+        _err(f"released, but not recorded as ham in the feedback store: {e}")
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    """Run the retrain as a process of its own (as the daemon does): a crash there leaves
+    the running model alone. Its exit status: 0 installed, 1 kept the old model, 2 error,
+    75 another retrain is running."""
+    import subprocess
+
+    command = [sys.executable, "-m", "filterd.trainer.retrain"]
+    if args.config:
+        command += ["--config", str(args.config)]
+    if args.checkpoint:
+        command += ["--checkpoint", str(args.checkpoint)]
+    if args.no_replay:
+        command.append("--no-replay")
+    return subprocess.run(command).returncode
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """The checkpoint a retrain replaced goes back in place (a running daemon reloads it)."""
+    from filterd.model.history import HistoryError, rollback
+
+    try:
+        config = _config(args)
+    except ConfigError as e:
+        _err(str(e))
+        return EX_CONFIG
+    checkpoint = args.checkpoint or config.checkpoint
+    if checkpoint is None:
+        _err("no checkpoint: set `checkpoint:` in the config or give --checkpoint")
+        return EX_CONFIG
+    try:
+        restored = rollback(checkpoint)
+    except (HistoryError, OSError) as e:
+        _err(str(e))
+        return EX_CHECKPOINT
+    _err(f"rolled back to {restored.name}")
     return 0
 
 
@@ -359,7 +509,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd: a line per command
     try:
-        return run(engine, config, args.checkpoint or config.checkpoint, sources)
+        config_path = args.config or (DEFAULT_PATH if DEFAULT_PATH.exists() else None)
+        return run(engine, config, args.checkpoint or config.checkpoint, sources, config_path)
     except ConfigError as e:  # a source could not start: which setting is wrong
         _err(str(e))
         return EX_CONFIG
@@ -392,6 +543,42 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help=config_help)
     serve.set_defaults(run=cmd_serve)
 
+    learn = sub.add_parser(
+        "learn", help="record messages as spam or ham for retraining (like sa-learn)"
+    )
+    learn.add_argument("paths", nargs="*", type=Path, metavar="FILE|DIR|MAILDIR|MBOX")
+    label = learn.add_mutually_exclusive_group(required=True)
+    label.add_argument("--spam", action="store_true", help="these are spam")
+    label.add_argument("--ham", action="store_true", help="these are ham")
+    label.add_argument("--forget", action="store_true", help="remove their labels")
+    label.add_argument("--stats", action="store_true", help="counts per label and source")
+    learn.add_argument(
+        "--replay",
+        action="store_true",
+        help="examples to keep knowing (trained on, never held out), not corrections",
+    )
+    learn.add_argument("--source", default="learn", help="who says so (default learn)")
+    learn.add_argument(
+        "--via-daemon",
+        action="store_true",
+        help="hand the labels to the running daemon (learning.socket); the default when "
+        "this user cannot write the store",
+    )
+    learn.add_argument("--json", action="store_true", help="--stats as JSON")
+    learn.add_argument("--config", type=Path, help=config_help)
+    learn.set_defaults(run=cmd_learn)
+
+    retrain = sub.add_parser(
+        "retrain", help="fine-tune on the feedback store; install the result if the gate agrees"
+    )
+    rollback = sub.add_parser("rollback", help="put back the checkpoint a retrain replaced")
+    for command in (retrain, rollback):
+        command.add_argument("--checkpoint", type=Path, help="overrides the config's checkpoint")
+        command.add_argument("--config", type=Path, help=config_help)
+    retrain.add_argument("--no-replay", action="store_true", help="train on the feedback alone")
+    retrain.set_defaults(run=cmd_retrain)
+    rollback.set_defaults(run=cmd_rollback)
+
     quarantine = sub.add_parser("quarantine", help="list, show, release, delete, expire")
     quarantine.add_argument("--config", type=Path, help=config_help)
     # --config after the action too, as with every other command; SUPPRESS: when absent
@@ -409,6 +596,9 @@ def parser() -> argparse.ArgumentParser:
     where = release.add_mutually_exclusive_group()
     where.add_argument("--to", type=Path, metavar="MAILDIR", help="deliver into this Maildir")
     where.add_argument("--smtp", action="store_true", help="re-inject to the configured relay")
+    release.add_argument(
+        "--no-learn", action="store_true", help="do not record it as ham in the feedback store"
+    )
     actions.add_parser(
         "expire", parents=[after], help="delete what is older than quarantine.retention_days"
     )

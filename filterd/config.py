@@ -127,6 +127,40 @@ class Daemon(_Section):
     scoring_process: bool = True
 
 
+class Retrain(_Section):
+    """When the daemon retrains on its own (either, or both; neither: never)."""
+
+    after_labels: int | None = Field(None, ge=1)  # this many new labels since the last one
+    every_hours: float | None = Field(None, gt=0)  # and/or this often, if any label is new
+
+
+class Learning(_Section):
+    """The feedback store and retraining from it (README "Learning from corrections")."""
+
+    store: Path | None = None  # None: <state dir>/feedback
+    max_messages: int = Field(20000, ge=1)  # the oldest labels beyond this are dropped
+    retention_days: float = Field(365.0, gt=0)
+    # Retraining: epochs over feedback + replay; the replay sample's size.
+    epochs: int = Field(2, ge=1)
+    replay_messages: int = Field(1000, ge=0)
+    # The gate: feedback held out of training (a share, and at least holdout_min messages);
+    # the candidate is installed only if its accuracy there beats the running model's by
+    # more than accuracy_margin and its false-positive rate on the original test ham is at
+    # most the running model's plus fpr_tolerance.
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    holdout_min: int = Field(20, ge=1)
+    accuracy_margin: float = Field(0.0, ge=0, le=1)
+    fpr_tolerance: float = Field(0.0, ge=0, le=1)
+    keep_checkpoints: int = Field(3, ge=1)  # earlier checkpoints kept for `filterd rollback`
+    # The daemon takes labels here from users who may not write the store (None: off).
+    socket: Path | None = None
+    socket_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")
+    retrain: Retrain = Retrain()
+
+    def store_path(self) -> Path:
+        return (self.store or state_dir() / "feedback").expanduser()
+
+
 class PluginChoice(_Section):
     """A plugin picked by its entry-point name; it validates its own options."""
 
@@ -148,6 +182,7 @@ class Config(_Section):
     quarantine: Quarantine = Quarantine()
     relay: Relay = Relay()
     daemon: Daemon = Daemon()
+    learning: Learning = Learning()
     checks: list[PluginChoice] = []
     sources: list[PluginChoice] = []  # what `filterd serve` runs: smtp, maildir, ...
     _legacy: tuple[str, ...] = PrivateAttr(())  # sections read as sources, for notes

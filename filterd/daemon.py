@@ -7,7 +7,8 @@ mail keeps flowing, then swaps it in between batches; a checkpoint that fails to
 breaks the thresholds) keeps the old model and the log says why. SIGTERM or SIGINT stops
 the sources: all stop accepting, then messages in progress get their answer (at most
 daemon.stop_timeout_seconds), and the process exits 0. Sources log one line per message;
-the daemon logs starts, reloads and stops.
+the daemon logs starts, reloads and stops. With `learning.retrain` set it also retrains
+from the feedback store now and then, in a child process (filterd.retrainer).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import signal
 from collections.abc import Awaitable
 from pathlib import Path
 
-from filterd import plugin_api
+from filterd import learn_socket, plugin_api
 from filterd.config import Config, ConfigError
 from filterd.engine import Engine
 from filterd.model.checkpoint import checkpoint_path
 from filterd.plugin_api import Source
+from filterd.retrainer import Retrainer
 
 log = logging.getLogger("filterd")
 
@@ -119,7 +121,13 @@ async def _stop_all(sources: list[Source], timeout: float) -> None:
                 log.error("source=%s failed to stop cleanly: %s", source.name, result)
 
 
-def run(engine: Engine, config: Config, checkpoint: Path, sources: list[Source]) -> int:
+def run(
+    engine: Engine,
+    config: Config,
+    checkpoint: Path,
+    sources: list[Source],
+    config_path: Path | None = None,
+) -> int:
     """serve() on uvloop where it is installed (a dependency except on Windows): its event
     loop costs the daemon about 15% less CPU per message than asyncio's own."""
     try:
@@ -127,15 +135,23 @@ def run(engine: Engine, config: Config, checkpoint: Path, sources: list[Source])
     except ImportError:
         new_event_loop = None
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(serve(engine, config, checkpoint, sources))
+        return runner.run(serve(engine, config, checkpoint, sources, config_path))
 
 
-async def serve(engine: Engine, config: Config, checkpoint: Path, sources: list[Source]) -> int:
-    """Run until SIGTERM or SIGINT; 0 once every source stopped cleanly."""
+async def serve(
+    engine: Engine,
+    config: Config,
+    checkpoint: Path,
+    sources: list[Source],
+    config_path: Path | None = None,
+) -> int:
+    """Run until SIGTERM or SIGINT; 0 once every source stopped cleanly. `config_path` is
+    what a retrain child reads (learning.retrain)."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     reloader = Reloader(engine, checkpoint)
     tasks: set[asyncio.Task] = set()
+    learn_server: asyncio.AbstractServer | None = None
 
     def spawn(coroutine: Awaitable[object]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -150,6 +166,11 @@ async def serve(engine: Engine, config: Config, checkpoint: Path, sources: list[
         sources = await _start_sources(engine, sources, timeout)
         if config.daemon.reload_check_seconds:
             spawn(reloader.watch(config.daemon.reload_check_seconds))
+        if config.learning.socket:
+            learn_server = await learn_socket.start(config)
+        retrainer = Retrainer(config, checkpoint, config_path, reloader.reload)
+        if retrainer.enabled:
+            spawn(retrainer.watch())
         log.info(
             "ready: %s, pid %d, %s event loop",
             engine.classifier.name,
@@ -160,6 +181,8 @@ async def serve(engine: Engine, config: Config, checkpoint: Path, sources: list[
         log.info("stopping: finishing messages in progress")
         await _stop_all(sources, timeout)
     finally:
+        if learn_server is not None:
+            learn_server.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         for task in list(tasks):

@@ -26,6 +26,13 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path, monkeypatch):
+    """filterd's state (secret, quarantine, feedback store) in the test's own folder, never
+    in the home of whoever runs the tests."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
 @pytest.fixture(scope="session")
 def sms_lines() -> list[tuple[str, str]]:
     """(label, text) pairs of the SMS Spam Collection."""

@@ -23,7 +23,7 @@ from tests.test_smtp_proxy import MSG, sink_running
 class Daemon:
     """`filterd serve --config FILE` in a subprocess, its stderr collected line by line."""
 
-    def __init__(self, tmp_path, settings: dict):
+    def __init__(self, tmp_path, settings: dict, smtp: bool = True):
         path = tmp_path / "config.yaml"
         path.write_text(json.dumps(settings))  # JSON is YAML
         env = os.environ | {"XDG_STATE_HOME": str(tmp_path / "state")}
@@ -36,8 +36,9 @@ class Daemon:
         )
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
-        listening = self.wait_for(r"source=smtp listening on 127\.0\.0\.1:(\d+)")
-        self.port = int(listening[1])
+        if smtp:
+            listening = self.wait_for(r"source=smtp listening on 127\.0\.0\.1:(\d+)")
+            self.port = int(listening[1])
         self.loop = self.wait_for(r"ready: .* (\w+) event loop")[1]
 
     def _read(self) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mailbox
 import random
 import zipfile
 from collections import Counter
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filterd.download import fetch
+from filterd.mailfiles import MailFileError, looks_like_mbox, raw_messages, read
 from filterd.text import TextLimits, message_text, normalize_text
 
 LABELS = ("ham", "spam")
@@ -92,7 +92,7 @@ def read_mail(path: Path, label: str, limits: TextLimits = TextLimits()) -> list
     path = path.resolve()
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
-    examples = [Example(id, label, message_text(raw, limits)) for id, raw in _raw_messages(path)]
+    examples = [Example(id, label, message_text(raw, limits)) for id, raw in _messages(path)]
     if not examples:
         raise DataError(f"{path}: no messages found")
     return examples
@@ -113,45 +113,26 @@ def read_spamassassin(root: Path, limits: TextLimits = TextLimits()) -> list[Exa
     return examples
 
 
-def _raw_messages(path: Path) -> Iterator[tuple[str, bytes]]:
-    if path.is_file():
-        if not _looks_like_mbox(path):
-            yield str(path), _read(path)
-            return
-        box = mailbox.mbox(path, create=False)
-        for n, key in enumerate(box.iterkeys(), start=1):
-            yield f"{path}#{n}", box.get_bytes(key)
-        return
-    if (path / "cur").is_dir() and (path / "new").is_dir():
-        files = [f for sub in ("new", "cur") for f in sorted((path / sub).iterdir())]
-    else:
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        # Skip dotfiles (Maildir's .Junk etc. are folders; dovecot keeps index files)
-        # and the public corpus's `cmds` listing.
-        if f.is_file() and not f.name.startswith(".") and f.name != "cmds":
-            yield str(f), _read(f)
-
-
-def _looks_like_mbox(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(5)
-    if head != b"From ":
-        return False
-    # A single message saved with its mbox separator is still one file, one message.
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.startswith(b"From ")) > 1
+def _messages(path: Path) -> Iterator[tuple[str, bytes]]:
+    try:
+        yield from raw_messages(path)
+    except MailFileError as e:
+        raise DataError(str(e)) from e
 
 
 def _read(path: Path) -> bytes:
     try:
-        return path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
+        return read(path)
+    except MailFileError as e:
+        raise DataError(str(e)) from e
 
 
-def read_split(split_file: Path, limits: TextLimits = TextLimits()) -> list[tuple[Example, str]]:
-    """Re-read the messages a split.jsonl names, with the split each was in."""
+def read_split(
+    split_file: Path, limits: TextLimits = TextLimits(), skip_missing: bool = False
+) -> list[tuple[Example, str]]:
+    """Re-read the messages a split.jsonl names, with the split each was in; with
+    `skip_missing`, those no longer readable are left out instead of failing (a retrain
+    replays what is still there)."""
     rows = []
     try:
         lines = split_file.read_text(encoding="utf-8").splitlines()
@@ -166,25 +147,35 @@ def read_split(split_file: Path, limits: TextLimits = TextLimits()) -> list[tupl
             raise DataError(f"{split_file}:{n}: not a split record ({e})") from e
         if label not in LABELS or split not in dict(SPLITS):
             raise DataError(f"{split_file}:{n}: bad label or split")
-        file, sep, num = id.rpartition("#")
-        if sep and num.isdigit() and Path(file).is_file():
-            path = Path(file)
-            if path not in sources:
-                sources[path] = _numbered_texts(path, limits)
-            text = sources[path].get(int(num))
-            if text is None:
-                raise DataError(f"{split_file}:{n}: {id} no longer exists")
-        else:
-            text = message_text(_read(Path(id)), limits)
+        try:
+            text = _split_text(id, sources, limits)
+        except DataError as e:
+            if skip_missing:
+                continue
+            raise DataError(f"{split_file}:{n}: {e}") from e
         rows.append((Example(id, label, text), split))
     return rows
 
 
+def _split_text(id: str, sources: dict[Path, dict[int, str]], limits: TextLimits) -> str:
+    """The model text of a split.jsonl id: a file, or `FILE#N` of an SMS file or mbox."""
+    file, sep, num = id.rpartition("#")
+    if sep and num.isdigit() and Path(file).is_file():
+        path = Path(file)
+        if path not in sources:
+            sources[path] = _numbered_texts(path, limits)
+        text = sources[path].get(int(num))
+        if text is None:
+            raise DataError(f"{id} no longer exists")
+        return text
+    return message_text(_read(Path(id)), limits)
+
+
 def _numbered_texts(path: Path, limits: TextLimits) -> dict[int, str]:
     """Texts of an SMS file by line number, or of an mbox by message number."""
-    if _looks_like_mbox(path):
+    if looks_like_mbox(path):
         return {
-            int(id.rpartition("#")[2]): message_text(raw, limits) for id, raw in _raw_messages(path)
+            int(id.rpartition("#")[2]): message_text(raw, limits) for id, raw in _messages(path)
         }
     return {int(e.id.rpartition("#")[2]): e.text for e in read_sms(path)}
 

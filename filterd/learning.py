@@ -1,0 +1,77 @@
+"""Labels in: every way a person tells filterd "this is spam" or "this is ham" (`filterd
+learn`, `filterd quarantine release`, scripts through `filterd.learn`) records into the one
+feedback store, with what filterd had said about the message when its marker vouches for
+it."""
+
+from __future__ import annotations
+
+from filterd.config import Config, load_config
+from filterd.headers import SecretError, Tagger, load_secret
+from filterd.mail import Mail
+from filterd.store.feedback import FeedbackError, FeedbackStore, Record
+from filterd.text import message_text
+
+
+def open_store(config: Config) -> FeedbackStore:
+    learning = config.learning
+    return FeedbackStore(learning.store_path(), learning.max_messages, learning.retention_days)
+
+
+def _verdict(raw: bytes, config: Config) -> dict | None:
+    """filterd's earlier verdict from the message's marker, if this host's secret verifies
+    it. A learner that cannot read the secret (another user) records no verdict."""
+    path = config.headers.secret_path()
+    if not path.exists():
+        return None
+    try:
+        secret = load_secret(path)
+    except SecretError:
+        return None
+    previous = Tagger(secret, config.headers.prefix).previous(raw)
+    if previous is None:
+        return None
+    return {"is_spam": previous[0], "probability": previous[1]}
+
+
+def _text(raw: bytes, config: Config) -> str:
+    if not Mail(raw).has_header:
+        raise FeedbackError("not a mail message: it does not begin with a header field")
+    return message_text(raw, config.limits.text_limits())
+
+
+def learn(
+    raw: bytes,
+    label: str,
+    *,
+    source: str = "api",
+    kind: str = "feedback",
+    config: Config | None = None,
+    when: str | None = None,
+    host: str | None = None,
+    prune: bool = True,
+) -> str:
+    """Record that a message is ham or spam; returns "added", "replaced", "unchanged" or
+    "kept newer". `when` (UTC, ISO 8601) and `host` say when and where the label was
+    given, for stores fed from several machines; newest wins. `prune=False` leaves the
+    retention rule to the caller (once after a batch, not per message)."""
+    config = config or load_config()
+    store = open_store(config)
+    outcome = store.add(
+        raw,
+        _text(raw, config),
+        label,
+        source,
+        kind=kind,
+        verdict=_verdict(raw, config),
+        when=when,
+        host=host,
+    )
+    if prune:
+        store.prune()
+    return outcome
+
+
+def forget(raw: bytes, config: Config | None = None) -> Record:
+    """Remove a message's label; FeedbackError if the store holds none for it."""
+    config = config or load_config()
+    return open_store(config).forget(_text(raw, config))
