@@ -152,6 +152,8 @@ class Learning(_Section):
     accuracy_margin: float = Field(0.0, ge=0, le=1)
     fpr_tolerance: float = Field(0.0, ge=0, le=1)
     keep_checkpoints: int = Field(3, ge=1)  # earlier checkpoints kept for `filterd rollback`
+    # The Maildir source learns from moves into and out of its Junk folder.
+    maildir_moves: bool = False
     # The daemon takes labels here from users who may not write the store (None: off).
     socket: Path | None = None
     socket_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")

@@ -30,14 +30,6 @@ def new_labels(labels_dir: Path, since: float) -> int:
         return 0
 
 
-def idle_priority() -> None:
-    """In the child, before torch loads: run only when the CPU has nothing else to do."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        os.nice(19)
-
-
 class Retrainer:
     def __init__(self, config: Config, checkpoint: Path, config_path: Path | None, reload):
         self.schedule = config.learning.retrain

@@ -54,6 +54,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from filterd.builtin.maildir_moves import MoveLearner
 from filterd.config import Config, ConfigError
 from filterd.mail import Mail
 from filterd.plugin_api import Context, Handler, Options, Outcome, Source
@@ -263,6 +264,7 @@ class MaildirSource(Source):
         # A large backlog waits here, unread: two micro-batches' worth are in hand at once.
         self._slots = asyncio.Semaphore(2 * config.scoring.max_batch)
         self._stopping = False
+        self._moves: MoveLearner | None = None  # learning.maildir_moves
 
     def preflight(self) -> None:
         """Every watched path must be a Maildir already: filterd never creates the mailbox."""
@@ -270,6 +272,13 @@ class MaildirSource(Source):
         for i, root in enumerate(self.roots):
             if not all((root / sub).is_dir() for sub in ("tmp", "new", "cur")):
                 raise ConfigError(f"{where}.paths[{i}]: {root}: not a Maildir (tmp/, new/, cur/)")
+        if self.config.learning.maildir_moves and not self.settings.quarantine_folder.startswith(
+            "."
+        ):
+            raise ConfigError(
+                f"learning.maildir_moves needs {where}.quarantine_folder to be a Maildir++ "
+                "folder such as .Junk (with store, a correction is `filterd quarantine release`)"
+            )
 
     async def start(self, handle: Handler, context: Context) -> None:
         """Repair what a crash left, watch every new/, then take what was already waiting."""
@@ -290,6 +299,11 @@ class MaildirSource(Source):
             self._workers.close()
             raise
         self._observer = observer
+        if self.config.learning.maildir_moves:
+            junk = self.settings.quarantine_folder
+            await self._run(self._make_junk_folders)
+            self._moves = MoveLearner(self.config, context.tagger, self.roots, junk, self._run)
+            await _in_own_thread(lambda: self._moves.start(self._loop))
         await self._rescan()  # after the watch began, so nothing falls in between
         self._rescans = asyncio.create_task(self._rescan_periodically())
         log.info("source=%s watching %s", self.name or "maildir", ", ".join(map(str, self.roots)))
@@ -304,6 +318,8 @@ class MaildirSource(Source):
         if self._observer is not None:
             self._observer.stop()
             await _in_own_thread(self._observer.join)
+        if self._moves is not None:
+            await _in_own_thread(self._moves.stop)
 
     async def drain(self, timeout: float) -> None:
         """Finish the messages being scored, at most `timeout` whatever a file read is stuck
@@ -506,6 +522,8 @@ class MaildirSource(Source):
             finally:
                 if dest is not here:
                     dest.close()
+            if self._moves is not None and dest is not here and target is not None:
+                self._moves.filed(data)  # moving it back out is then a correction
         return "gone (moved or removed meanwhile, left there)" if target is None else str(target)
 
     def _quarantine_folder(self, root: Path) -> Path | None:
@@ -514,6 +532,12 @@ class MaildirSource(Source):
         if to == "store":
             return None
         return root / to if to.startswith(".") else Path(to).expanduser()
+
+    def _make_junk_folders(self) -> None:
+        """Each Junk folder made now, if missing, so its moves can be watched."""
+        for root in self.roots:
+            with maildir.open_maildir(root, follow=True) as here:
+                self._open_folder(root / self.settings.quarantine_folder, here).close()
 
     def _open_folder(self, folder: Path, here: maildir.Dirs) -> maildir.Dirs:
         """The quarantine Maildir held open, made if missing with the watched Maildir's mode

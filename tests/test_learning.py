@@ -365,3 +365,60 @@ def test_the_daemon_takes_labels_on_its_socket_and_retrains_on_its_own(tmp_path)
     assert checkpoint_path(tmp_path / "model").read_bytes() != before
     [kept] = (tmp_path / "model" / "history").glob("2*.safetensors")
     assert kept.read_bytes() == before
+
+
+# --- moves in a mail client -----------------------------------------------------------------
+
+
+def test_moves_into_and_out_of_junk_are_learned(tmp_path, spam):
+    """With the real watcher: filterd files a message in Junk and the user moves it back
+    (ham); the user moves a message filterd passed into Junk (spam); renames within a
+    folder, mail filed by someone else, and Junk mail that says spam teach nothing."""
+    import asyncio
+
+    from filterd.daemon import load_sources
+    from filterd.engine import Engine
+    from filterd.store import maildir
+    from tests.test_maildir_source import KEY, Running, message, until
+
+    md = maildir.ensure(tmp_path / "Maildir")
+    config = Config.model_validate(
+        {
+            "scoring": {"quarantine_threshold": 0.8},
+            "quarantine": {"path": str(tmp_path / "store")},
+            "learning": {"store": str(tmp_path / "fb"), "maildir_moves": True},
+            "sources": [{"name": "maildir", "options": {"paths": [str(md)]}}],
+        }
+    )
+    tagger = Tagger(KEY)
+    (maildir_source,) = load_sources(config)
+    running = Running(maildir_source, Engine(spam, config, tagger))
+    store = FeedbackStore(tmp_path / "fb")
+    junk = md / ".Junk"
+    passed = tagger.tag(message(2), Verdict(0.1, False, "tag", 0.5, "gpt2-tiny"))
+    sieve_filed = tagger.tag(message(3), Verdict(0.99, True, "tag", 0.5, "gpt2-tiny"))
+
+    def labels():
+        return sorted((r.label, r.source) for r in store.records())
+
+    async def main():
+        await running.start()
+        maildir.deliver(md, message(1), "1.M1.host")  # filterd files it in Junk
+        await until(lambda: list((junk / "new").iterdir()))
+        (filed,) = (junk / "new").iterdir()
+        os.rename(filed, junk / "cur" / (filed.name + ":2,S"))  # read in Junk: no move
+        os.rename(junk / "cur" / (filed.name + ":2,S"), md / "cur" / "back:2,S")  # out: ham
+        await until(lambda: labels() == [("ham", "maildir-move")])
+        (md / "cur" / "passed:2,S").write_bytes(passed)
+        os.rename(md / "cur" / "passed:2,S", junk / "cur" / "passed:2,S")  # in: spam
+        (junk / "cur" / "sieve:2,S").write_bytes(sieve_filed)  # Sieve's: says spam already
+        os.rename(junk / "cur" / "sieve:2,S", md / "cur" / "sieve:2,S")  # not filed by us
+        await until(lambda: len(labels()) == 2)
+        await asyncio.sleep(1.0)  # time for a wrong third label to appear
+        await running.stop()
+
+    asyncio.run(main())
+    assert labels() == [("ham", "maildir-move"), ("spam", "maildir-move")]
+    texts = {r.label: store.read(r) for r in store.records()}
+    assert texts["spam"] == passed
+    assert message(1) in texts["ham"]  # the copy the user moved back, tagged by filterd

@@ -32,7 +32,8 @@ PACKAGES = {"filterd": "filterd", "plugins": "filterd.builtin", "trainer": "filt
 LAYERS = [
     # text extraction, the records passed around, storage, the configuration schema
     ("filterd.text", "filterd.verdict", "filterd.mail", "filterd.headers", "filterd.config"),
-    ("filterd.store", "filterd.download"),
+    # ... and the files of mail people keep, the feedback store's ways in
+    ("filterd.store", "filterd.download", "filterd.mailfiles", "filterd.learning"),
     # tokenizers and model families
     (
         "filterd.model.tokenizer",
@@ -42,7 +43,7 @@ LAYERS = [
     ),
     # checkpoint, pretrained weights, int8, the classifier and its child process
     ("filterd.model",),
-    ("filterd.plugin_api", "filterd.engine"),
+    ("filterd.plugin_api", "filterd.engine", "filterd.learn_socket", "filterd.retrainer"),
     ("filterd.builtin", "filterd.daemon"),
     ("filterd.cli",),
 ]

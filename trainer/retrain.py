@@ -31,7 +31,6 @@ from filterd.config import Config, ConfigError, load_config
 from filterd.learning import open_store
 from filterd.model.checkpoint import CheckpointMeta, checkpoint_path, save_checkpoint
 from filterd.model.history import METRICS, file_sha256, keep
-from filterd.retrainer import idle_priority
 from filterd.store.durable import replace_durably
 from filterd.text import message_text
 from filterd.trainer.data import LABELS, DataError, Example, read_split
@@ -65,6 +64,15 @@ def lock(config: Config):
     f.write(f"pid {os.getpid()}")
     f.flush()
     return f
+
+
+def idle_priority() -> None:
+    """Before torch loads: run only when the CPU has nothing else to do (the daemon's
+    retrains), so scoring never waits for training."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
 
 
 def _holdout_rank(key: str) -> str:
