@@ -89,7 +89,7 @@ class Retrainer:
             log.info(
                 "retrain %s in %.0f s: %s",
                 "installed a new model" if report["installed"] else "kept the running model",
-                report["train_seconds"],
+                report["seconds"],
                 gate["reason"],
             )
             if report["installed"]:

@@ -255,7 +255,7 @@ def retrain(config: Config, checkpoint: Path, replay: bool = True) -> dict:
         },
         "gate": decision,
         "threshold": meta.threshold,
-        "train_seconds": round(time.monotonic() - started, 1),
+        "seconds": round(time.monotonic() - started, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "installed": False,
     }
