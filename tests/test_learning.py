@@ -272,7 +272,9 @@ def test_the_gate_keeps_the_running_model_when_false_positives_rise(tmp_path):
     assert run.returncode == 1, run.stderr
     report = json.loads(run.stdout)
     assert not report["installed"]
-    assert "false-positive rate on the test ham rises" in report["gate"]["reason"]
+    reason = report["gate"]["reason"]
+    assert reason.startswith("false-positive rate on the original test ham 0.0000 -> ")
+    assert reason.endswith("rises (tolerance 0.0)")
     assert b"kept the running model" in run.stderr
     assert path.read_bytes() == before
     assert not (tmp_path / "model" / "history").exists()
@@ -422,3 +424,30 @@ def test_moves_into_and_out_of_junk_are_learned(tmp_path, spam):
     texts = {r.label: store.read(r) for r in store.records()}
     assert texts["spam"] == passed
     assert message(1) in texts["ham"]  # the copy the user moved back, tagged by filterd
+
+
+def test_the_gate_scores_both_models_over_one_pass_of_the_frozen_blocks(tiny_model):
+    """The shared cache gives each model the probabilities it gives on its own."""
+    import copy
+
+    import torch
+
+    from filterd.model.checkpoint import CheckpointMeta
+    from filterd.model.classifier import Classifier
+    from filterd.trainer.retrain import score_both
+
+    candidate = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in candidate.blocks[-1].parameters():  # as training the top block would
+            p.add_(torch.randn_like(p) * 0.05)
+        candidate.score.bias.add_(torch.tensor([0.0, 0.5]))
+    texts = [f"message number {n} " * n for n in range(1, 20)]
+    meta = CheckpointMeta(arch="gpt2-tiny", config=tiny_model.config.to_dict(), max_tokens=64)
+    alone = [Classifier(m, meta).score_texts(texts) for m in (tiny_model, candidate)]
+    tokenizer = Classifier(tiny_model, meta).tokenizer
+    tokens = [tokenizer.encode(t, 64) for t in texts]
+    first = len(tiny_model.blocks) - 1
+    shared = score_both(tiny_model, candidate, first, tokens, tokenizer.pad_id)
+    assert alone[0] != alone[1]
+    for a, b in zip(alone, shared, strict=True):
+        assert b == pytest.approx(a, abs=1e-5)
