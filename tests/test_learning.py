@@ -222,18 +222,23 @@ def feed(config: Path, n: int = 12) -> None:
     assert run.returncode == 0, run.stderr
 
 
-def test_retrain_installs_what_the_gate_accepts_and_rollback_restores(tmp_path):
+def retrain_with(tmp_path, fpr_tolerance: float):
+    """`filterd retrain` of an always-ham parent on 12 spam corrections: the candidate
+    learns "spam" everywhere, more right on the held-out spam, more false positives on
+    the test ham. (checkpoint file, its bytes before, config, the finished process)"""
     path = parent_checkpoint(tmp_path / "model", lr=1e-2)
     before = path.read_bytes()
-    # The candidate learns "spam" everywhere: more right on held-out spam, more false
-    # positives on the test ham, which this tolerance accepts.
     config = write_config(
         tmp_path,
         checkpoint=str(tmp_path / "model"),
-        learning={"holdout_min": 5, "fpr_tolerance": 1.0, "epochs": 3},
+        learning={"holdout_min": 5, "fpr_tolerance": fpr_tolerance, "epochs": 3},
     )
     feed(config)
-    run = filterd("retrain", config=config)
+    return path, before, config, filterd("retrain", config=config)
+
+
+def test_retrain_installs_what_the_gate_accepts_and_rollback_restores(tmp_path):
+    path, before, config, run = retrain_with(tmp_path, fpr_tolerance=1.0)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["installed"] and report["gate"]["install"]
@@ -260,15 +265,7 @@ def test_retrain_installs_what_the_gate_accepts_and_rollback_restores(tmp_path):
 
 
 def test_the_gate_keeps_the_running_model_when_false_positives_rise(tmp_path):
-    path = parent_checkpoint(tmp_path / "model", lr=1e-2)
-    before = path.read_bytes()
-    config = write_config(
-        tmp_path,
-        checkpoint=str(tmp_path / "model"),
-        learning={"holdout_min": 5, "fpr_tolerance": 0.0, "epochs": 3},
-    )
-    feed(config)
-    run = filterd("retrain", config=config)
+    path, before, _, run = retrain_with(tmp_path, fpr_tolerance=0.0)
     assert run.returncode == 1, run.stderr
     report = json.loads(run.stdout)
     assert not report["installed"]

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 from filterd.model.checkpoint import checkpoint_path
-from filterd.store.durable import fsync_dir, replace_durably, write_temp
+from filterd.store.durable import fsync_dir, replace_durably
+from filterd.store.maildir import write_durably
 
 METRICS = "metrics.json"
 
@@ -86,13 +87,7 @@ def rollback(checkpoint: str | os.PathLike) -> Path:
 
 
 def _copy(source: Path, dest: Path, replace: bool = False) -> Path:
-    tmp = write_temp(dest.parent, source.read_bytes(), dest.name)
-    try:
-        if replace:
-            os.replace(tmp, dest)
-        else:
-            os.link(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(dest.parent)
-    return dest
+    """A durable copy: complete and fsynced before its name appears."""
+    if replace:
+        return replace_durably(dest, source.read_bytes())
+    return write_durably(dest, source.read_bytes(), dest.parent)
