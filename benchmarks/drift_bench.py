@@ -135,6 +135,12 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, help="keep the work folder here (default: a temp)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fpr-tolerance",
+        type=float,
+        default=0.0,
+        help="the gate's learning.fpr_tolerance (default 0, filterd's default)",
+    )
     args = parser.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="drift-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -172,7 +178,10 @@ def main() -> None:
         json.dumps(
             {
                 "checkpoint": str(model_dir),
-                "learning": {"store": str(work / "feedback")},
+                "learning": {
+                    "store": str(work / "feedback"),
+                    "fpr_tolerance": args.fpr_tolerance,
+                },
                 "headers": {"secret_file": str(work / "secret")},
             }
         )
@@ -210,6 +219,9 @@ def main() -> None:
             "wrong_in_pool": len(wrong),
             "installed": report["installed"],
             "gate": report["gate"]["reason"],
+            "gate_holdout_accuracy": [
+                report["gate"][m]["holdout"]["accuracy"] for m in ("current", "candidate")
+            ],
             "retrain_wall_seconds": round(seconds, 1),
             "retrain_peak_rss_mb": report["peak_rss_mb"],
             "trained_on": sum(sum(c.values()) for c in report["feedback"].values())
