@@ -208,7 +208,7 @@ def test_sigterm_finishes_messages_in_flight_and_loses_none(tmp_path):
     assert after, "no message was in flight at SIGTERM"
     # ... and the model kept scoring them: none went out unscored (fail open).
     assert not [d for _, _, d in sink.messages if b"X-Spam-Status: Unscored" in d]
-    assert "stopped" in daemon.lines[-1]
+    assert "stopped" in daemon.lines[-1], "".join(daemon.lines[-40:])
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,10 @@ def _child_setup() -> None:
 
 
 def _exit_with(parent_sentinel: int) -> None:
-    multiprocessing.connection.wait([parent_sentinel])
+    try:
+        multiprocessing.connection.wait([parent_sentinel])
+    except OSError:  # EBADF: this child is exiting and closed its fds; nobody to outlive
+        return
     os._exit(1)
 
 
