@@ -342,10 +342,10 @@ def _messages(paths: list[Path]) -> Iterator[tuple[str, bytes | OSError]]:
     be read, so one bad file does not stop the others."""
     from filterd.mailfiles import raw_messages
 
-    if not paths:
-        yield "-", sys.stdin.buffer.read()
-        return
-    for path in paths:
+    for path in paths or [Path("-")]:
+        if str(path) == "-":
+            yield "-", sys.stdin.buffer.read()
+            continue
         try:
             yield from raw_messages(path)
         except OSError as e:
@@ -355,6 +355,7 @@ def _messages(paths: list[Path]) -> Iterator[tuple[str, bytes | OSError]]:
 def cmd_learn(args: argparse.Namespace) -> int:
     """Labels into the feedback store, as `sa-learn --spam/--ham/--forget` (README "Learning
     from corrections"); the summary on stderr, `--stats` on stdout."""
+    from filterd.learn_socket import HandoffError
     from filterd.learning import open_store
     from filterd.store.feedback import FeedbackError
 
@@ -394,6 +395,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
             _err(f"{origin}: {e}")
             failed += 1
             continue
+        except HandoffError as e:  # the daemon is not there: the rest would fail alike
+            _err(f"{e}; stopped")
+            return EX_SOME_FAILED
         except OSError as e:  # the store: a full disk, no permission; what is in it stays
             _err(f"cannot write the feedback store {store.root}: {e.strerror or e}; stopped")
             return EX_SOME_FAILED

@@ -42,9 +42,15 @@ def looks_like_mbox(path: Path) -> bool:
         head = f.read(5)
     if head != b"From ":
         return False
-    # A single message saved with its mbox separator is still one file, one message.
+    # A single message saved with its mbox separator is still one file, one message; a
+    # separator follows an empty line, so a body line "From the team" is none.
+    separators, previous = 0, b""
     with open(path, "rb") as f:
-        return sum(1 for line in f if line.startswith(b"From ")) > 1
+        for n, line in enumerate(f):
+            if line.startswith(b"From ") and (n == 0 or not previous.strip()):
+                separators += 1
+            previous = line
+    return separators > 1
 
 
 def read(path: Path) -> bytes:

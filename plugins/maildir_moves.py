@@ -32,6 +32,7 @@ log = logging.getLogger("filterd.maildir")
 
 INDEX = "filed-in-junk"  # under the feedback store: keys of what filterd filed in Junk
 INDEX_LIMIT = 20000  # keys kept; the oldest go first
+MAX_LEARN_BYTES = 52_428_800  # a larger message is not learned (the store keeps it whole)
 
 
 class FiledIndex:
@@ -142,9 +143,11 @@ class MoveLearner(FileSystemEventHandler):
         """The label learned from this message appearing at path, if any."""
         try:
             with open(path, "rb", opener=_no_follow) as f:
-                raw = f.read(self.config.limits.max_bytes * 4)
+                raw = f.read(MAX_LEARN_BYTES + 1)
         except FileNotFoundError:  # moved on meanwhile
             return None
+        if len(raw) > MAX_LEARN_BYTES:  # kept whole or not at all
+            raise FeedbackError(f"over {MAX_LEARN_BYTES} bytes: not learned")
         previous = self.tagger.previous(raw)
         said_spam = previous is not None and previous[0]
         if path.parent.parent.name == self.junk:

@@ -448,3 +448,39 @@ def test_the_gate_scores_both_models_over_one_pass_of_the_frozen_blocks(tiny_mod
     assert alone[0] != alone[1]
     for a, b in zip(alone, shared, strict=True):
         assert b == pytest.approx(a, abs=1e-5)
+
+
+def test_a_damaged_label_is_skipped_and_named_not_a_crash(tmp_path):
+    store = FeedbackStore(tmp_path / "fb")
+    store.add(mail("one"), "one", "spam", "t")
+    store.add(mail("two"), "two", "ham", "t")
+    damaged = tmp_path / "fb" / "labels" / f"{text_key('one')}.json"
+    record = json.loads((tmp_path / "fb" / "labels" / f"{text_key('two')}.json").read_text())
+    damaged.write_text(json.dumps(record | {"key": text_key("one"), "time": "yesterday"}))
+    problems: list[str] = []
+    assert [r.label for r in store.records(problems)] == ["ham"]
+    assert "damaged label" in problems[0] and damaged.name in problems[0]
+    assert store.stats()["total"] == 1
+    store.prune()  # no crash either
+
+
+def test_a_saved_message_with_a_from_line_in_its_body_is_one_message(tmp_path):
+    from filterd.mailfiles import raw_messages
+
+    saved = tmp_path / "single.eml"
+    saved.write_bytes(b"From a@b Thu Jan 1 00:00:00 2026\nSubject: hi\n\nhello\nFrom the team\n")
+    assert [m for _, m in raw_messages(saved)] == [saved.read_bytes()]
+    box = tmp_path / "box.mbox"  # in an mbox a body's "From " is escaped
+    first = saved.read_bytes().replace(b"\nFrom the", b"\n>From the")
+    box.write_bytes(first + b"\nFrom c@d Thu Jan 1 00:00:00 2026\nSubject: 2\n\nx\n")
+    assert len(list(raw_messages(box))) == 2
+
+
+def test_learn_reads_dash_as_stdin_and_stops_when_the_daemon_is_away(tmp_path):
+    config = write_config(tmp_path, learning={"socket": str(tmp_path / "none.sock")})
+    run = filterd("learn", "--spam", "-", config=config, stdin=SPAM[0].read_bytes())
+    assert run.returncode == 0 and b"1 added" in run.stderr
+    run = filterd("learn", "--spam", "--via-daemon", SPAM[1], SPAM[2], config=config)
+    assert run.returncode == 4
+    assert b"learn socket" in run.stderr and b"stopped" in run.stderr
+    assert b"cannot write the feedback store" not in run.stderr

@@ -142,9 +142,11 @@ class FeedbackStore:
         except FileNotFoundError:
             return None
         try:
-            return Record(**json.loads(data))
+            record = Record(**json.loads(data))
+            record.timestamp  # noqa: B018 - a time that is not ISO 8601 is damage too
         except (ValueError, TypeError) as e:
             raise FeedbackError(f"{self._labels / f'{key}.json'}: damaged label ({e})") from e
+        return record
 
     def forget(self, text: str) -> Record:
         """Remove the entry of this model text; FeedbackError if the store has none."""
