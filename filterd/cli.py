@@ -423,7 +423,8 @@ def _recorder(config: Config, root: Path, args: argparse.Namespace):
     if args.via_daemon or (config.learning.socket and not os.access(existing, os.W_OK)):
         from filterd.learn_socket import send
 
-        return lambda raw: send(config.learning.socket, action, raw, args.replay)
+        source = "" if args.source == "learn" else args.source
+        return lambda raw: send(config.learning.socket, action, raw, args.replay, source)
     kind = "replay" if args.replay else "feedback"
 
     def here(raw: bytes) -> str:

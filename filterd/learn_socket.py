@@ -7,11 +7,12 @@ One request per connection, in the spirit of spamd's TELL:
 
     LEARN spam|ham|forget [replay]\\r\\n
     Content-length: N\\r\\n
+    Source: imapsieve\\r\\n        (optional: who says so)
     \\r\\n
     N bytes of message
 
 answered by `OK added|replaced|unchanged|kept newer|forgotten\\r\\n` or `ERROR why\\r\\n`.
-The sender's uid (SO_PEERCRED) goes into the label's source.
+The sender's uid (SO_PEERCRED) goes into the label's source, after the Source it gave.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
     return struct.unpack("3i", creds)[1]
 
 
-async def _request(reader: asyncio.StreamReader, cap: int) -> tuple[str, bool, bytes]:
+async def _request(reader: asyncio.StreamReader, cap: int) -> tuple[str, bool, str, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     if len(head) > _HEAD_LIMIT:
         raise FeedbackError("request header too long")
@@ -63,7 +64,12 @@ async def _request(reader: asyncio.StreamReader, cap: int) -> tuple[str, bool, b
     size = int(value)
     if size > cap:
         raise FeedbackError(f"message of {size} bytes is over the {cap}-byte limit")
-    return words[1], len(words) == 3, await reader.readexactly(size)
+    source = ""
+    for line in lines[2:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "source":
+            source = "".join(c for c in value.strip() if c.isprintable())[:40]
+    return words[1], len(words) == 3, source, await reader.readexactly(size)
 
 
 async def start(config: Config) -> asyncio.AbstractServer:
@@ -75,7 +81,7 @@ async def start(config: Config) -> asyncio.AbstractServer:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         uid = _peer_uid(writer)
         try:
-            action, replay, raw = await asyncio.wait_for(_request(reader, cap), _TIMEOUT)
+            action, replay, source, raw = await asyncio.wait_for(_request(reader, cap), _TIMEOUT)
             if action == "forget":
                 await asyncio.to_thread(forget, raw, config)
                 outcome = "forgotten"
@@ -84,7 +90,7 @@ async def start(config: Config) -> asyncio.AbstractServer:
                     learn,
                     raw,
                     action,
-                    source=f"socket uid={uid}",
+                    source=f"{source} (socket uid={uid})" if source else f"socket uid={uid}",
                     kind="replay" if replay else "feedback",
                     config=config,
                 )
@@ -111,10 +117,11 @@ async def start(config: Config) -> asyncio.AbstractServer:
     return server
 
 
-def send(path: Path, action: str, raw: bytes, replay: bool = False) -> str:
+def send(path: Path, action: str, raw: bytes, replay: bool = False, source: str = "") -> str:
     """Hand one label to the daemon; its outcome ("added", ...). FeedbackError when it
     refused this message, HandoffError when it could not be asked."""
-    head = f"LEARN {action}{' replay' if replay else ''}\r\nContent-length: {len(raw)}\r\n\r\n"
+    head = f"LEARN {action}{' replay' if replay else ''}\r\nContent-length: {len(raw)}\r\n"
+    head += f"Source: {source}\r\n\r\n" if source else "\r\n"
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(_TIMEOUT)

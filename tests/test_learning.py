@@ -350,11 +350,16 @@ def test_the_daemon_takes_labels_on_its_socket_and_retrains_on_its_own(tmp_path)
             learn_socket.send(sockets / "learn.sock", "spam", b"\x00junk")
         # `filterd learn` through the daemon, as an IMAPSieve script running as the mail
         # user does (there by default, as it cannot write the store).
-        run = filterd("learn", "--spam", "--via-daemon", *SPAM[51:62], config=config_path)
+        learn_args = ("learn", "--spam", "--via-daemon", "--source", "imapsieve")
+        run = filterd(*learn_args, *SPAM[51:62], config=config_path)
         assert run.returncode == 0, run.stderr
         assert b"11 added" in run.stderr
         store = FeedbackStore(tmp_path / "feedback")
-        assert {r.source for r in store.records()} == {f"socket uid={os.getuid()}"}
+        uid = os.getuid()
+        assert {r.source for r in store.records()} == {
+            f"socket uid={uid}",
+            f"imapsieve (socket uid={uid})",
+        }
         daemon.wait_for(r"retrain \(12 new labels\): started", timeout=30)
         daemon.wait_for(r"retrain installed a new model in \d+ s", timeout=240)
         daemon.wait_for(r"reload \(retrain installed a new model\)", timeout=60)
