@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import struct
 from pathlib import Path
 
 from filterd.config import Config
 from filterd.learning import forget, learn
+from filterd.listen import prepare_socket, secure_socket
 from filterd.store.feedback import FeedbackError
 
 log = logging.getLogger("filterd")
@@ -110,10 +110,9 @@ async def start(config: Config) -> asyncio.AbstractServer:
         except OSError as e:
             log.warning("learn socket: reply lost: %s", e)
 
-    if path.is_socket():
-        path.unlink()  # a stale one from a daemon that did not stop cleanly
+    prepare_socket(path)
     server = await asyncio.start_unix_server(handle, path)
-    os.chmod(path, int(learning.socket_mode, 8))
+    secure_socket(path, learning.socket_mode)
     return server
 
 

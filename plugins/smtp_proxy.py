@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import re
 import socket
@@ -39,6 +38,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from pydantic import Field, ValidationInfo, field_validator
 
 from filterd.config import Config, ConfigError
+from filterd.listen import is_loopback
 from filterd.mail import Mail
 from filterd.plugin_api import Context, Handler, Options, Outcome, Source
 
@@ -65,16 +65,6 @@ TOO_MUCH = "552 Error: Too much mail data"
 SHUTTING_DOWN = b"421 4.3.2 filterd shutting down, try again later\r\n"
 TOO_MANY = b"421 4.7.0 Too many connections, try again later\r\n"
 IDLE = b"421 4.4.2 Idle too long, closing connection\r\n"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a listening address reaches this machine only: a loopback IP or localhost."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve anywhere
-        return False
 
 
 class SmtpOptions(Options):

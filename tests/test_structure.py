@@ -33,7 +33,15 @@ LAYERS = [
     # text extraction, the records passed around, storage, the configuration schema
     ("filterd.text", "filterd.verdict", "filterd.mail", "filterd.headers", "filterd.config"),
     # ... and the files of mail people keep, the feedback store's ways in
-    ("filterd.store", "filterd.download", "filterd.mailfiles", "filterd.learning"),
+    # ... where servers listen, the spamd protocol's wire form (its server is a plugin)
+    (
+        "filterd.store",
+        "filterd.download",
+        "filterd.mailfiles",
+        "filterd.learning",
+        "filterd.listen",
+        "filterd.spamd_protocol",
+    ),
     # tokenizers and model families
     (
         "filterd.model.tokenizer",
@@ -43,7 +51,13 @@ LAYERS = [
     ),
     # checkpoint, pretrained weights, int8, the classifier and its child process
     ("filterd.model",),
-    ("filterd.plugin_api", "filterd.engine", "filterd.learn_socket", "filterd.retrainer"),
+    (
+        "filterd.plugin_api",
+        "filterd.engine",
+        "filterd.learn_socket",
+        "filterd.retrainer",
+        "filterd.metrics",
+    ),
     ("filterd.builtin", "filterd.daemon"),
     ("filterd.cli",),
 ]

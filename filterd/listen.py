@@ -1,0 +1,148 @@
+"""Where a server of filterd's listens, checked one way for all of them (the SMTP proxy,
+the milter, the spamd protocol, metrics): loopback unless `allow_remote` says otherwise,
+or a Unix socket with a chosen mode and group, and only the clients `allowed_clients`
+names. The MTA and the mail tools run on this machine; a filter others can reach scores
+their mail, learns from their labels, or (the proxy) relays for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import ipaddress
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
+
+log = logging.getLogger("filterd")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+ClientHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address reaches this machine only: a loopback IP or localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+class Listening(BaseModel):
+    """A TCP address (host, port) or, when `socket` is set, a Unix socket instead. Mixed
+    into a source's options or a config section; `port` is overridden with its default."""
+
+    # Listening beyond loopback must be asked for. (Before `host`: its check reads it.)
+    allow_remote: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)  # 0: any free port (tests)
+    # A Unix socket instead of host:port (the MTA's chroot may need it under its spool).
+    socket: Path | None = None
+    socket_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")
+    socket_group: str | None = None  # the group that may connect (e.g. postfix)
+    # TCP clients served; others are closed at connect, with a log line.
+    allowed_clients: list[Network] = Field(
+        default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1")]
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _listen_where_meant(cls, host: str, info: ValidationInfo) -> str:
+        """An empty host would listen on every address without a word; any other address
+        beyond loopback needs allow_remote."""
+        if not host.strip():
+            raise ValueError("empty: that listens on every address; name one, e.g. 127.0.0.1")
+        if not info.data.get("allow_remote") and not is_loopback(host):
+            raise ValueError(
+                f"{host} is not a loopback address: set allow_remote: true to listen there "
+                "(and firewall it)"
+            )
+        return host
+
+    @field_validator("socket_group")
+    @classmethod
+    def _group_exists(cls, group: str | None) -> str | None:
+        if group is not None:
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                raise ValueError(f"no group {group!r} on this machine") from None
+        return group
+
+    def where(self) -> str:
+        """For log lines: unix:/path or host:port."""
+        return f"unix:{self.socket}" if self.socket else f"{self.host}:{self.port}"
+
+    def permits(self, writer: asyncio.StreamWriter) -> bool:
+        """Whether this client may talk to us: any on a Unix socket (its mode decides),
+        else those whose address is in allowed_clients."""
+        peer = writer.get_extra_info("peername")
+        if self.socket is not None or not isinstance(peer, tuple):
+            return True
+        try:
+            address = ipaddress.ip_address(peer[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.allowed_clients)
+
+
+def prepare_socket(path: Path) -> None:
+    """Remove a stale socket left by a daemon that did not stop cleanly; anything else at
+    the path is an error rather than deleted."""
+    if path.is_socket():
+        path.unlink()
+    elif path.exists():
+        raise OSError(f"{path}: exists and is not a socket; not replacing it")
+
+
+def secure_socket(path: Path, mode: str, group: str | None = None) -> None:
+    """Give a new Unix socket its configured mode and group."""
+    if group is not None:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    os.chmod(path, int(mode, 8))
+
+
+async def serve(
+    listening: Listening, handle: ClientHandler, name: str, limit: int = 2**16
+) -> asyncio.Server:
+    """Listen where `listening` says; clients it does not permit are closed at once."""
+
+    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not listening.permits(writer):
+            log.warning(
+                "source=%s refused a client from %s: not in allowed_clients",
+                name,
+                writer.get_extra_info("peername"),
+            )
+            writer.close()
+            return
+        await handle(reader, writer)
+
+    if listening.socket is not None:
+        path = listening.socket.expanduser()
+        prepare_socket(path)
+        server = await asyncio.start_unix_server(guarded, path, limit=limit)
+        secure_socket(path, listening.socket_mode, listening.socket_group)
+        return server
+    server = await asyncio.start_server(guarded, listening.host, listening.port, limit=limit)
+    exposed = [s.getsockname()[0] for s in server.sockets if not is_loopback(s.getsockname()[0])]
+    if exposed:
+        log.warning(
+            "source=%s listening beyond loopback on %s (allow_remote): firewall it",
+            name,
+            ", ".join(exposed),
+        )
+    return server
+
+
+def bound_port(server: asyncio.Server) -> int:
+    """The TCP port a server listens on (the system's choice for port 0); 0 for a socket."""
+    name = server.sockets[0].getsockname()
+    return name[1] if isinstance(name, tuple) else 0
