@@ -171,6 +171,7 @@ class _Session:
         self.protocol = FilterProtocol()
         self.message = _Message()
         self.leading_space = False
+        self.started = False  # a message is under way (MAIL seen, no end or abort yet)
 
     async def read(self) -> m.Message | None:
         """The next frame, parsed; None at a clean end of the connection."""
@@ -215,10 +216,18 @@ class _Session:
         while (event := await self.read()) is not None:
             if isinstance(event, m.Close):
                 return
+            if isinstance(event, m.EnvelopeFrom):
+                self.started = True
+            elif isinstance(event, m.Abort):
+                self.started = False
             reply = await self.on(event)
             if reply:
                 self.send(*reply)
                 await self.writer.drain()
+            if isinstance(event, m.EndOfMessage):
+                self.started = False
+        if self.started:
+            raise MilterError("the MTA ended the connection mid-message (it keeps the message)")
 
     async def on(self, event: m.Message) -> list[m.Message]:
         """What to answer one event (nothing where none is due)."""

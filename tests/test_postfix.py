@@ -19,7 +19,9 @@ from filterd.headers import Tagger, load_secret
 from filterd.store.quarantine import Store
 from tests import postfix
 from tests.postfix import (
+    AFTER_QUEUE_MAIN_CF,
     AFTER_QUEUE_MASTER_CF,
+    BEFORE_QUEUE_MAIN_CF,
     BEFORE_QUEUE_MASTER_CF,
     MILTER_MAIN_CF,
     Postfix,
@@ -47,56 +49,52 @@ def new_id() -> str:
     return f"<{uuid.uuid4().hex}@example.org>"
 
 
-def without_milter(snippet: str) -> str:
-    """A proxy setup's master.cf lines, its listener told not to use the milter that
-    main.cf sets for this instance (a server uses one way or the other)."""
-    lines = snippet.splitlines(keepends=True)
-    first = next(i for i, line in enumerate(lines) if not line.startswith("#"))
-    lines.insert(first + 1, "  -o smtpd_milters=\n")
-    return "".join(lines)
+LISTS = [  # the sender's domain picks what becomes of a message: the model says ham
+    {"name": "lists", "options": {"block": ["reject.example"], "block_action": "reject"}},
+    {"name": "lists", "options": {"block": ["hold.example"], "block_action": "quarantine"}},
+]
 
 
 class Stack:
-    """One Postfix, one `filterd serve` with four sources: a milter keeping quarantined
-    mail in filterd's store (TCP), a milter using Postfix's hold queue (Unix socket), and
-    the SMTP proxy after and before the queue."""
+    """Three throwaway Postfix instances, each set up as the README says for one way in:
+    filterd as milter (with a second listener whose milter is filterd over a Unix socket,
+    quarantining to Postfix's hold queue), as after-queue and as before-queue proxy. Two
+    `filterd serve`: one with both milters and the after-queue proxy, one with the
+    before-queue proxy (a daemon has one next hop, and each proxy setup its own)."""
 
     def __init__(self, tmp_path):
         self.tmp = tmp_path
-        self.ports = {k: free_port() for k in ("milter", "aq", "bq", "reinject", "in_aq")}
-        self.ports |= {k: free_port() for k in ("in_milter", "in_hold", "in_bq")}
+        p = self.ports = {
+            k: free_port()
+            for k in ("milter", "in_milter", "in_hold", "aq", "in_aq", "aq_back", "bq", "in_bq")
+        }
+        p["bq_back"] = free_port()
         # Postfix's smtpd runs as the postfix user: the socket's folder must be reachable.
         self.sockets = Path(tempfile.mkdtemp(prefix="filterd-milter-"))
         self.sockets.chmod(0o755)
         self.socket = self.sockets / "milter.sock"
-        p = self.ports
-        services = (
-            f"127.0.0.1:{p['in_milter']} inet n - n - - smtpd\n"
-            f"127.0.0.1:{p['in_hold']} inet n - n - - smtpd\n"
-            f"  -o smtpd_milters=unix:{self.socket}\n"
-            + without_milter(
-                AFTER_QUEUE_MASTER_CF.format(
-                    listen=f"127.0.0.1:{p['in_aq']}",
-                    proxy_port=p["aq"],
-                    reinject_port=p["reinject"],
-                )
-            )
-            + without_milter(
-                BEFORE_QUEUE_MASTER_CF.format(listen=f"127.0.0.1:{p['in_bq']}", proxy_port=p["bq"])
-            )
-        )
-        self.postfix = Postfix(services, MILTER_MAIN_CF.format(milter_port=p["milter"]))
-        self.settings = settings(tmp_path, p["reinject"]) | {
-            "checks": [
-                {
-                    "name": "lists",
-                    "options": {"block": ["reject.example"], "block_action": "reject"},
-                },
-                {
-                    "name": "lists",
-                    "options": {"block": ["hold.example"], "block_action": "quarantine"},
-                },
-            ],
+        listen = "127.0.0.1:{} inet n - n - - smtpd\n"
+        self.postfix = {
+            "milter": Postfix(
+                listen.format(p["in_milter"])
+                + listen.format(p["in_hold"])
+                + f"  -o smtpd_milters=unix:{self.socket}\n",
+                MILTER_MAIN_CF.format(milter_port=p["milter"]),
+            ),
+            "aq": Postfix(
+                listen.format(p["in_aq"])
+                + AFTER_QUEUE_MASTER_CF.format(reinject_port=p["aq_back"]),
+                AFTER_QUEUE_MAIN_CF.format(proxy_port=p["aq"]),
+            ),
+            "bq": Postfix(
+                BEFORE_QUEUE_MASTER_CF.format(
+                    listen=f"127.0.0.1:{p['in_bq']}", proxy_port=p["bq"], reinject_port=p["bq_back"]
+                ),
+                BEFORE_QUEUE_MAIN_CF,
+            ),
+        }
+        self.settings = settings(tmp_path, p["aq_back"]) | {
+            "checks": LISTS,
             "sources": [
                 {"name": "milter", "options": {"port": p["milter"]}},
                 {
@@ -108,14 +106,24 @@ class Stack:
                     },
                 },
                 {"name": "smtp", "options": {"port": p["aq"], "mode": "after_queue"}},
-                {"name": "smtp", "options": {"port": p["bq"], "mode": "before_queue"}},
             ],
         }
         self.daemon = Daemon(tmp_path, self.settings, smtp=False)
+        before = tmp_path / "before_queue"
+        before.mkdir()
+        self.before = Daemon(
+            before,
+            self.settings
+            | {
+                "relay": {"port": p["bq_back"]},
+                "sources": [{"name": "smtp", "options": {"port": p["bq"], "mode": "before_queue"}}],
+            },
+            smtp=False,
+        )
         self.tagger = Tagger(load_secret(tmp_path / "secret"))
 
-    def send(self, port_name: str, raw: bytes, sender: str = "ann@example.org") -> None:
-        with smtplib.SMTP("127.0.0.1", self.ports[port_name], timeout=60) as smtp:
+    def send(self, listener: str, raw: bytes, sender: str = "ann@example.org") -> None:
+        with smtplib.SMTP("127.0.0.1", self.ports[listener], timeout=60) as smtp:
             smtp.sendmail(sender, ["box@example.test"], raw)
 
     def arrived(self, mid: str, timeout: float = 30) -> list[bytes]:
@@ -123,18 +131,23 @@ class Stack:
         return self.find(mid)
 
     def find(self, mid: str) -> list[bytes]:
-        return [m for m in self.postfix.delivered() if mid.encode() in m]
+        everything = [m for p in self.postfix.values() for m in p.delivered()]
+        return [m for m in everything if mid.encode() in m]
 
     def quarantined(self, mid: str) -> bool:
         store = Store(self.tmp / "quarantine")
         return any(mid.encode() in store.read(entry.id) for entry in store.list())
 
     def context(self) -> str:
-        return f"postfix:\n{self.postfix.log()[-4000:]}\nfilterd:\n{''.join(self.daemon.lines)}"
+        logs = "".join(f"postfix {k}:\n{p.log()[-3000:]}\n" for k, p in self.postfix.items())
+        daemons = "".join(self.daemon.lines) + "".join(self.before.lines)
+        return f"{logs}filterd:\n{daemons}"
 
     def close(self) -> None:
         self.daemon.kill()
-        self.postfix.stop()
+        self.before.kill()
+        for instance in self.postfix.values():
+            instance.stop()
         shutil.rmtree(self.sockets, ignore_errors=True)
 
 
@@ -162,7 +175,7 @@ def test_milter_tags_mail_postfix_delivers_and_the_marker_verifies(stack):
     assert b"X-Spam-Marker: v2 " in head
     assert stack.tagger.previous(delivered) == (False, pytest.approx(0.119, abs=1e-3))
     line = stack.daemon.wait_for(rf"source=milter queue_id=(\w+) message_id={re.escape(mid)}")
-    assert line[1] in stack.postfix.log()  # the MTA's queue id in filterd's log
+    assert line[1] in stack.postfix["milter"].log()  # the MTA's queue id in filterd's log
 
 
 def test_several_messages_on_one_connection(stack):
@@ -191,7 +204,7 @@ def test_milter_quarantine_in_filterds_store(stack):
     stack.send("in_milter", message("x@hold.example", mid))  # 250: accepted, then held
     stack.daemon.wait_for(rf"message_id={re.escape(mid)} .*action=quarantine reply=discard")
     assert stack.quarantined(mid)
-    wait_until(lambda: stack.postfix.logged(r"milter-discard"), 10, stack.context)
+    wait_until(lambda: stack.postfix["milter"].logged(r"milter-discard"), 10, stack.context)
     assert stack.find(mid) == []
 
 
@@ -199,9 +212,11 @@ def test_milter_over_a_unix_socket_quarantines_in_postfixs_hold_queue(stack):
     mid = new_id()
     stack.send("in_hold", message("x@hold.example", mid))
     wait_until(
-        lambda: any(q["queue_name"] == "hold" for q in stack.postfix.queue()), 10, stack.context
+        lambda: any(q["queue_name"] == "hold" for q in stack.postfix["milter"].queue()),
+        10,
+        stack.context,
     )
-    assert stack.postfix.logged(r"milter-hold: END-OF-MESSAGE")
+    assert stack.postfix["milter"].logged(r"milter-hold: END-OF-MESSAGE")
     assert stack.find(mid) == []
 
 
@@ -237,7 +252,9 @@ def test_filterd_down_means_451_then_delivery_once_it_is_back(stack):
     with pytest.raises(smtplib.SMTPResponseException) as deferred:
         stack.send("in_milter", raw)
     assert deferred.value.smtp_code == 451
-    assert stack.postfix.queue() == [] or all(mid not in str(q) for q in stack.postfix.queue())
+    assert stack.postfix["milter"].queue() == [] or all(
+        mid not in str(q) for q in stack.postfix["milter"].queue()
+    )
     stack.daemon = Daemon(stack.tmp, stack.settings, smtp=False)
     stack.send("in_milter", raw)
     stack.arrived(mid)
@@ -245,10 +262,13 @@ def test_filterd_down_means_451_then_delivery_once_it_is_back(stack):
 
 
 def test_readme_holds_the_tested_snippets():
-    """The README shows the snippets with the default ports, as a reader pastes them."""
+    """The README shows them with the default ports, as a reader pastes them."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert MILTER_MAIN_CF.format(milter_port=10029) in readme
-    assert (
-        AFTER_QUEUE_MASTER_CF.format(listen="smtp", proxy_port=10025, reinject_port=10026) in readme
-    )
-    assert BEFORE_QUEUE_MASTER_CF.format(listen="smtp", proxy_port=10025) in readme
+    for snippet in (
+        MILTER_MAIN_CF.format(milter_port=10029),
+        AFTER_QUEUE_MAIN_CF.format(proxy_port=10025),
+        AFTER_QUEUE_MASTER_CF.format(reinject_port=10026),
+        BEFORE_QUEUE_MAIN_CF,
+        BEFORE_QUEUE_MASTER_CF.format(listen="smtp", proxy_port=10025, reinject_port=10026),
+    ):
+        assert f"```\n{snippet}```\n" in readme
