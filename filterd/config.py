@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from filterd.listen import TcpListening
 from filterd.text import TextLimits
 
 DEFAULT_PATH = Path("/etc/filterd/config.yaml")
@@ -163,6 +164,14 @@ class Learning(_Section):
         return (self.store or state_dir() / "feedback").expanduser()
 
 
+class Metrics(_Section, TcpListening):
+    """The Prometheus endpoint of `filterd serve` (README "Metrics"): a TCP address like
+    a source's, loopback unless allow_remote (Prometheus scrapes no Unix socket)."""
+
+    enabled: bool = False
+    port: int = Field(9847, ge=0, le=65535)  # 0: any free port, named in the ready line
+
+
 class PluginChoice(_Section):
     """A plugin picked by its entry-point name; it validates its own options."""
 
@@ -185,6 +194,7 @@ class Config(_Section):
     relay: Relay = Relay()
     daemon: Daemon = Daemon()
     learning: Learning = Learning()
+    metrics: Metrics = Metrics()
     checks: list[PluginChoice] = []
     sources: list[PluginChoice] = []  # what `filterd serve` runs: smtp, maildir, ...
     _legacy: tuple[str, ...] = PrivateAttr(())  # sections read as sources, for notes

@@ -8,7 +8,9 @@ breaks the thresholds) keeps the old model and the log says why. SIGTERM or SIGI
 the sources: all stop accepting, then messages in progress get their answer (at most
 daemon.stop_timeout_seconds), and the process exits 0. Sources log one line per message;
 the daemon logs starts, reloads and stops. With `learning.retrain` set it also retrains
-from the feedback store now and then, in a child process (filterd.retrainer).
+from the feedback store now and then, in a child process (filterd.retrainer). With
+`metrics.enabled` it serves Prometheus metrics and /healthz (filterd.metrics), counting
+each source's messages through a wrapper around the handler it is given.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from filterd import learn_socket, plugin_api
 from filterd.config import Config, ConfigError
 from filterd.engine import Engine
+from filterd.metrics import Endpoint, Metrics
 from filterd.model.checkpoint import checkpoint_path
 from filterd.plugin_api import Source
 from filterd.retrainer import Retrainer
@@ -33,11 +36,18 @@ log = logging.getLogger("filterd")
 
 class Reloader:
     """Loads the checkpoint again on request, or when its file changes (a new inode, size or
-    mtime: an atomic replace or a copy). One load at a time, off the event loop."""
+    mtime: an atomic replace or a copy). One load at a time, off the event loop. `report`
+    hears each result (True: the new model is in use), before the next load begins."""
 
-    def __init__(self, engine: Engine, path: Path):
+    def __init__(
+        self,
+        engine: Engine,
+        path: Path,
+        report: Callable[[bool], Awaitable[None]] | None = None,
+    ):
         self.engine = engine
         self.path = checkpoint_path(path)
+        self.report = report
         self._lock = asyncio.Lock()
         self._seen = self._stamp()
 
@@ -61,9 +71,13 @@ class Reloader:
                     raise
             except Exception as e:
                 log.error("reload (%s) failed, keeping the old model: %s", why, e)
-                return False
-            log.info("reload (%s): %s from %s in use", why, new.name, self.path)
-            return True
+                ok = False
+            else:
+                log.info("reload (%s): %s from %s in use", why, new.name, self.path)
+                ok = True
+            if self.report is not None:
+                await self.report(ok)
+            return ok
 
     async def watch(self, every: float) -> None:
         while True:
@@ -95,13 +109,17 @@ def load_sources(config: Config, serving: bool = False) -> list[Source]:
     return sources
 
 
-async def _start_sources(engine: Engine, sources: list[Source], timeout: float) -> list[Source]:
-    """Start each source; if one fails, stop those already started."""
+async def _start_sources(
+    engine: Engine, sources: list[Source], timeout: float, metrics: Metrics | None = None
+) -> list[Source]:
+    """Start each source; if one fails, stop those already started. With metrics, each
+    gets the engine's handler counted under its name."""
     started: list[Source] = []
     try:
         for source in sources:
+            handle = engine.handle if metrics is None else metrics.wrap(engine.handle, source.name)
             try:
-                await source.start(engine.handle, engine.context)
+                await source.start(handle, engine.context)
             except OSError as e:  # a folder it may not read, no inotify watches left, ...
                 raise ConfigError(f"{source.where}: {source.name} cannot start: {e}") from e
             started.append(source)
@@ -146,12 +164,22 @@ async def serve(
     config_path: Path | None = None,
 ) -> int:
     """Run until SIGTERM or SIGINT; 0 once every source stopped cleanly. `config_path` is
-    what a retrain child reads (learning.retrain)."""
+    what a retrain child reads (learning.retrain). The metrics endpoint listens before the
+    sources start (a port in use fails the start before any mail is taken; /healthz says
+    503 until they run) and closes after they drained (the drain can be watched)."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    reloader = Reloader(engine, checkpoint)
+    metrics = Metrics(lambda: engine.queue_depth) if config.metrics.enabled else None
+
+    async def reported(ok: bool) -> None:
+        if metrics is not None:
+            await metrics.reloaded(ok, engine.classifier.name, reloader.path)
+
+    reloader = Reloader(engine, checkpoint, reported if metrics is not None else None)
     tasks: set[asyncio.Task] = set()
     learn_server: asyncio.AbstractServer | None = None
+    endpoint: Endpoint | None = None
+    serving_metrics = ""
 
     def spawn(coroutine: Awaitable[object]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -163,7 +191,15 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reloader.reload("SIGHUP")))
     try:
         timeout = config.daemon.stop_timeout_seconds
-        sources = await _start_sources(engine, sources, timeout)
+        if metrics is not None:
+            await metrics.checkpoint_loaded(engine.classifier.name, reloader.path)
+            endpoint = Endpoint(metrics, config.metrics, lambda: engine.classifier.name)
+            try:
+                serving_metrics = f", metrics on {await endpoint.start()}"
+            except OSError as e:
+                where = f"{config.metrics.host}:{config.metrics.port}"
+                raise ConfigError(f"metrics: cannot listen on {where}: {e}") from e
+        sources = await _start_sources(engine, sources, timeout, metrics)
         if config.daemon.reload_check_seconds:
             spawn(reloader.watch(config.daemon.reload_check_seconds))
         if config.learning.socket:
@@ -171,16 +207,23 @@ async def serve(
         retrainer = Retrainer(config, checkpoint, config_path, reloader.reload)
         if retrainer.enabled:
             spawn(retrainer.watch())
+        if endpoint is not None:
+            endpoint.state = "serving"
         log.info(
-            "ready: %s, pid %d, %s event loop",
+            "ready: %s, pid %d, %s event loop%s",
             engine.classifier.name,
             os.getpid(),
             type(loop).__module__.partition(".")[0],
+            serving_metrics,
         )
         await stopping.wait()
+        if endpoint is not None:
+            endpoint.state = "stopping"
         log.info("stopping: finishing messages in progress")
         await _stop_all(sources, timeout)
     finally:
+        if endpoint is not None:
+            await endpoint.close()
         if learn_server is not None:
             learn_server.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -70,6 +70,7 @@ class Engine:
         self._batcher: asyncio.Task | None = None
         self._scoring: dict[asyncio.Task, Scorer] = {}  # batches with the model, and which
         self._full: asyncio.Event | None = None
+        self._waiting = 0  # verdict() calls not yet answered
 
     @classmethod
     def from_config(
@@ -189,6 +190,19 @@ class Engine:
 
     async def verdict(self, mail: Mail) -> Verdict:
         """One message's verdict, batched with whatever else arrives meanwhile."""
+        self._waiting += 1
+        try:
+            return await self._verdict(mail)
+        finally:
+            self._waiting -= 1
+
+    @property
+    def queue_depth(self) -> int:
+        """Messages waiting for their verdict (queued or being scored): what the metrics
+        show, so a model falling behind is seen before messages time out."""
+        return self._waiting
+
+    async def _verdict(self, mail: Mail) -> Verdict:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Verdict] = loop.create_future()
         self._pending.append((mail, future, loop.time()))

@@ -33,18 +33,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class Listening(BaseModel):
-    """A TCP address (host, port) or, when `socket` is set, a Unix socket instead. Mixed
-    into a source's options or a config section; `port` is overridden with its default."""
+class TcpListening(BaseModel):
+    """A TCP address and the clients it serves. Mixed into a source's options or a config
+    section, which overrides `port` with its own default."""
 
     # Listening beyond loopback must be asked for. (Before `host`: its check reads it.)
     allow_remote: bool = False
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)  # 0: any free port (tests)
-    # A Unix socket instead of host:port (the MTA's chroot may need it under its spool).
-    socket: Path | None = None
-    socket_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")
-    socket_group: str | None = None  # the group that may connect (e.g. postfix)
     # TCP clients served; others are closed at connect, with a log line.
     allowed_clients: list[Network] = Field(
         default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1")]
@@ -64,6 +60,32 @@ class Listening(BaseModel):
             )
         return host
 
+    def where(self) -> str:
+        """For log lines: host:port."""
+        return f"{self.host}:{self.port}"
+
+    def permits(self, writer: asyncio.StreamWriter) -> bool:
+        """Whether this client may talk to us: its address is in allowed_clients."""
+        peer = writer.get_extra_info("peername")
+        if not isinstance(peer, tuple):  # a Unix socket: its mode decided
+            return True
+        try:
+            address = ipaddress.ip_address(peer[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.allowed_clients)
+
+
+class Listening(TcpListening):
+    """A TCP address or, when `socket` is set, a Unix socket instead (the MTA's chroot may
+    need it under its spool)."""
+
+    socket: Path | None = None
+    socket_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")
+    socket_group: str | None = None  # the group that may connect (e.g. postfix)
+
     @field_validator("socket_group")
     @classmethod
     def _group_exists(cls, group: str | None) -> str | None:
@@ -76,21 +98,7 @@ class Listening(BaseModel):
 
     def where(self) -> str:
         """For log lines: unix:/path or host:port."""
-        return f"unix:{self.socket}" if self.socket else f"{self.host}:{self.port}"
-
-    def permits(self, writer: asyncio.StreamWriter) -> bool:
-        """Whether this client may talk to us: any on a Unix socket (its mode decides),
-        else those whose address is in allowed_clients."""
-        peer = writer.get_extra_info("peername")
-        if self.socket is not None or not isinstance(peer, tuple):
-            return True
-        try:
-            address = ipaddress.ip_address(peer[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.allowed_clients)
+        return f"unix:{self.socket}" if self.socket else super().where()
 
 
 def prepare_socket(path: Path) -> None:
@@ -110,7 +118,7 @@ def secure_socket(path: Path, mode: str, group: str | None = None) -> None:
 
 
 async def serve(
-    listening: Listening, handle: ClientHandler, name: str, limit: int = 2**16
+    listening: TcpListening, handle: ClientHandler, name: str, limit: int = 2**16
 ) -> asyncio.Server:
     """Listen where `listening` says; clients it does not permit are closed at once."""
 
@@ -125,7 +133,7 @@ async def serve(
             return
         await handle(reader, writer)
 
-    if listening.socket is not None:
+    if isinstance(listening, Listening) and listening.socket is not None:
         path = listening.socket.expanduser()
         prepare_socket(path)
         server = await asyncio.start_unix_server(guarded, path, limit=limit)

@@ -30,16 +30,22 @@ PACKAGES = {"filterd": "filterd", "plugins": "filterd.builtin", "trainer": "filt
 
 # Lowest first: a module may import modules of its own layer and of the layers below.
 LAYERS = [
-    # text extraction, the records passed around, storage, the configuration schema
-    ("filterd.text", "filterd.verdict", "filterd.mail", "filterd.headers", "filterd.config"),
+    # text extraction, the records passed around, listening addresses, the config schema
+    (
+        "filterd.text",
+        "filterd.verdict",
+        "filterd.mail",
+        "filterd.headers",
+        "filterd.listen",
+        "filterd.config",
+    ),
     # ... and the files of mail people keep, the feedback store's ways in
-    # ... where servers listen, the spamd protocol's wire form (its server is a plugin)
+    # ... the spamd protocol's wire form (its server is a plugin, its client the CLI's)
     (
         "filterd.store",
         "filterd.download",
         "filterd.mailfiles",
         "filterd.learning",
-        "filterd.listen",
         "filterd.spamd_protocol",
     ),
     # tokenizers and model families
