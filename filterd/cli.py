@@ -22,7 +22,10 @@ from filterd.config import DEFAULT_PATH, Config, ConfigError, load_config
 
 if TYPE_CHECKING:
     from filterd.engine import Engine
+    from filterd.headers import Tagger
     from filterd.mail import Mail
+    from filterd.plugin_api import Context, Handler
+    from filterd.spamd_protocol import Address
 
 # Exit statuses (README "Exit codes" lists them for users).
 EX_HAM, EX_SPAM = 0, 1  # `filterd score` of one message, plain output (like spamc -c)
@@ -109,6 +112,9 @@ def _line(path: str | None, verdict=None, error: str | None = None, as_json: boo
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    if args.connect is not None and not args.tag:
+        _err("--connect goes with --tag (the daemon tags the message)")
+        return EX_CONFIG
     if args.tag:
         return _score_tag(args)
     loaded = _load(args)
@@ -205,35 +211,91 @@ class _Progress:
 
 
 def _score_tag(args: argparse.Namespace) -> int:
-    """The pipe filter: the whole message out with headers added, or exit 75 under tempfail."""
+    """The pipe filter: the whole message out with headers added, or exit 75 under tempfail.
+    With --connect the running daemon scores it (spamd PROCESS) and no model is loaded."""
     from filterd import plugin_api
     from filterd.config import PluginChoice
-    from filterd.headers import Tagger, load_secret
     from filterd.plugin_api import Context
 
     if args.paths:
         _err("--tag reads one message from stdin; it takes no FILE arguments")
         return EX_CONFIG
+    address = None
+    if args.connect:
+        from filterd.spamd_protocol import parse_address
+
+        try:
+            address = parse_address(args.connect)
+        except ValueError as e:
+            _err(f"--connect: {e}")
+            return EX_CONFIG
     config = Config()
     try:
         config = _config(args)
-        engine = _engine(args, config)
-        handle, context = engine.handle, engine.context
+        if args.connect is not None:
+            handle, context = _spamd_handler(config, address)
+        else:
+            engine = _engine(args, config)
+            handle, context = engine.handle, engine.context
     except Exception as e:
         why = f"{type(e).__name__}: {e}"
         _err(f"not scoring: {why}")
-        headers = config.headers
-        try:
-            tagger = Tagger(load_secret(headers.secret_path()), headers.prefix)
-        except Exception:
-            tagger = Tagger(None, headers.prefix)
-        context = Context(config, tagger)
+        context = Context(config, _tagger(config))
 
         async def handle(mail, **_):
             return context.failure(mail, why)
 
     source = plugin_api.load("sources", PluginChoice(name="stdin"), "sources.stdin", config)
     return asyncio.run(source.run(handle, context))
+
+
+def _tagger(config: Config) -> Tagger:
+    """The config's tagger; without the marker (none written, none trusted) when this user
+    cannot read the secret, so the failure policy still writes its header."""
+    from filterd.headers import Tagger, load_secret
+
+    headers = config.headers
+    try:
+        return Tagger(load_secret(headers.secret_path()), headers.prefix, headers.subject_prefix)
+    except Exception:
+        return Tagger(None, headers.prefix, headers.subject_prefix)
+
+
+def _spamd_handler(config: Config, address: Address | None) -> tuple[Handler, Context]:
+    """A Handler that has the daemon's spamd source tag the message (PROCESS); when the
+    daemon is unreachable or errs, this config's failure policy decides, here."""
+    from filterd.plugin_api import Context, Outcome
+    from filterd.spamd_protocol import SpamdError, process
+
+    address = address or _spamd_address(config)
+    context = Context(config, _tagger(config))
+    timeout = config.scoring.timeout_seconds + 10  # the daemon answers within its own
+
+    async def handle(mail, **_):
+        try:
+            tagged, _ = process(address, mail.raw, timeout)  # one message: blocking is fine
+        except SpamdError as e:
+            _err(f"not scored: {e}")
+            return context.failure(mail, str(e))
+        return Outcome("deliver", tagged)
+
+    return handle, context
+
+
+def _spamd_address(config: Config) -> Address:
+    """Where the config's spamd source listens; spamd's own 127.0.0.1:783 without one."""
+    from filterd import plugin_api
+    from filterd.spamd_protocol import DEFAULT_PORT
+
+    for where, choice, options_key in config.source_choices():
+        if choice.name == "spamd":
+            options = plugin_api.load("sources", choice, where, config, options_key).options
+            if options.socket is not None:
+                return str(options.socket.expanduser())
+            if not options.port:
+                raise ConfigError(f"{options_key}.port: 0 (any free port): give --connect")
+            return options.host, options.port
+    return "127.0.0.1", DEFAULT_PORT
 
 
 # --- check --------------------------------------------------------------------------------
@@ -536,6 +598,14 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--config", type=Path, help=config_help)
     score.add_argument("--json", action="store_true", help="one JSON object per message")
     score.add_argument("--tag", action="store_true", help="stdin to stdout with headers added")
+    score.add_argument(
+        "--connect",
+        nargs="?",
+        const="",
+        metavar="HOST:PORT|SOCKET",
+        help="with --tag: have the running daemon's spamd source score it (default: where "
+        "the config's spamd source listens, else 127.0.0.1:783); no model is loaded here",
+    )
     score.set_defaults(run=cmd_score)
 
     check = sub.add_parser("check", help="validate the config and the checkpoint")

@@ -1,8 +1,9 @@
 """The scoring engine: one loaded model, thresholds and checks, for every way mail comes in.
 
 `verdicts()` scores a list at once (the CLI). `verdict()` is for asyncio servers: each
-call joins a queue, arrivals within `scoring.batch_wait_ms` share one micro-batch of at most
-`scoring.max_batch`, and the model runs in worker threads so the event loop never waits on
+call joins a queue; an idle model takes what is queued at once, and while it is busy,
+arrivals within `scoring.batch_wait_ms` share the next micro-batch of at most
+`scoring.max_batch`. The model runs in worker threads so the event loop never waits on
 it. Two micro-batches go to the model at once: while one is scored, the next is read and
 tokenized (or waits in the scoring process), so the model does not sit idle while the
 messages of the last batch are relayed. A caller waits at most `scoring.timeout_seconds`
@@ -226,9 +227,11 @@ class Engine:
         while self._pending:
             while len(busy := {t for t in self._scoring if not t.done()}) >= PIPELINE:
                 await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
-            # Arrivals that already waited (e.g. while the model was busy) go at once.
+            # An idle model takes what is there at once: waiting for company only adds
+            # latency then. While a batch is scored, arrivals gather (at most `wait` for
+            # the first) into the next. Those that already waited go at once.
             remaining = self._pending[0][2] + wait - loop.time()
-            if remaining > 0 and len(self._pending) < size:
+            if busy and remaining > 0 and len(self._pending) < size:
                 full.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(full.wait(), remaining)

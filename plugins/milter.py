@@ -56,9 +56,15 @@ _ACTIONS = (
     | m.ActionFlags.QUARANTINE
     | m.ActionFlags.SETSYMLIST
 )
-# Macros asked for: the SMTP client, authentication and the queue id (Postfix's names).
+# Macros asked for: the SMTP client, authentication and the queue id (Postfix's names);
+# none at the other stages, where the MTA would send its default sets with every message.
 _MACROS = {
-    m.Stage.ENVELOPE_FROM: ["{auth_authen}", "{client_addr}", "i"],
+    m.Stage.CONNECT: [],
+    m.Stage.HELO: [],
+    m.Stage.ENVELOPE_FROM: ["{auth_authen}", "{client_addr}"],
+    m.Stage.ENVELOPE_RECIPIENT: [],
+    m.Stage.DATA: [],
+    m.Stage.END_HEADERS: [],
     m.Stage.END_MESSAGE: ["i"],
 }
 
@@ -172,27 +178,31 @@ class _Session:
         self.message = _Message()
         self.leading_space = False
         self.started = False  # a message is under way (MAIL seen, no end or abort yet)
+        self.waiting_since: float | None = None  # reading the MTA's next frame since
+        self.silent = False  # closed by the source's watch for silence
 
     async def read(self) -> m.Message | None:
-        """The next frame, parsed; None at a clean end of the connection."""
-        timeout = self.source.options.timeout_seconds
+        """The next frame, parsed; None at a clean end of the connection. While it waits,
+        `waiting_since` says since when: the source's watch closes a connection silent
+        for timeout_seconds (one timer for all, not one per frame: a message is ~30)."""
+        self.waiting_since = time.monotonic()
+        head = b""
         try:
-            head = await asyncio.wait_for(self.reader.readexactly(4), timeout)
+            head = await self.reader.readexactly(4)
+            (size,) = _LENGTH.unpack(head)
+            if not 1 <= size <= MAX_FRAME:
+                raise MilterError(
+                    f"a frame of {size} bytes (at most {MAX_FRAME}): not a milter peer"
+                )
+            data = await self.reader.readexactly(size)
         except asyncio.IncompleteReadError as e:
+            if head:
+                raise MilterError("connection ended inside a frame") from None
             if e.partial:
                 raise MilterError("connection ended inside a frame's length") from None
             return None
-        except TimeoutError:
-            raise MilterError(f"silent for {timeout:g} s (timeout_seconds)") from None
-        (size,) = _LENGTH.unpack(head)
-        if not 1 <= size <= MAX_FRAME:
-            raise MilterError(f"a frame of {size} bytes (at most {MAX_FRAME}): not a milter peer")
-        try:
-            data = await asyncio.wait_for(self.reader.readexactly(size), timeout)
-        except asyncio.IncompleteReadError:
-            raise MilterError("connection ended inside a frame") from None
-        except TimeoutError:
-            raise MilterError(f"a frame unfinished after {timeout:g} s") from None
+        finally:
+            self.waiting_since = None
         buffer = SimpleBuffer(size + 4)
         buffer[:] = head + data
         messages = []
@@ -207,59 +217,62 @@ class _Session:
         return messages[0]
 
     def send(self, *replies: m.Message) -> None:
-        buffer = SimpleBuffer(MAX_FRAME)
+        # Room for the replies: a header edit carries one field, the others a short text.
+        room = sum(
+            len(getattr(r, "value", b"")) + len(getattr(r, "name", "")) + 256 for r in replies
+        )
+        buffer = SimpleBuffer(room)
         for reply in replies:
             self.protocol.write_to(buffer, reply)
         self.writer.write(buffer[:].tobytes())
 
     async def run(self) -> None:
         while (event := await self.read()) is not None:
-            if isinstance(event, m.Close):
+            if type(event) is m.Close:
                 return
-            if isinstance(event, m.EnvelopeFrom):
-                self.started = True
-            elif isinstance(event, m.Abort):
-                self.started = False
             reply = await self.on(event)
             if reply:
                 self.send(*reply)
                 await self.writer.drain()
-            if isinstance(event, m.EndOfMessage):
-                self.started = False
         if self.started:
             raise MilterError("the MTA ended the connection mid-message (it keeps the message)")
 
     async def on(self, event: m.Message) -> list[m.Message]:
-        """What to answer one event (nothing where none is due)."""
+        """What to answer one event (nothing where none is due). Dispatched on the exact
+        type: isinstance against kilter's ABCs costs more than the rest of a header."""
         message = self.message
-        match event:
-            case m.Negotiate():
-                return [self.negotiate(event)]
-            case m.Macro():
-                message.macros.update(event.macros)
-                return []
-            case m.Abort():
-                self.message = _Message()
-                return []
-            case m.EnvelopeFrom():
-                self.message = message = _Message(
-                    mail_from=_address(bytes(event.sender)), macros=message.macros
-                )
-                if self.source.options.skip_authenticated and message.macros.get("{auth_authen}"):
-                    message.skip = "authenticated"
-                    self.source.log_skip(message)
-                    return [m.Accept()]  # no more events for this message
-            case m.EnvelopeRecipient():
-                message.rcpts.append(_address(bytes(event.recipient)))
-            case m.Header():
-                self.add(message, event.name, bytes(event.value))
-            case m.Body():
-                self.add_body(message, bytes(event.content))
-            case m.EndOfMessage():
-                self.add_body(message, bytes(event.content))
-                replies = await self.source.end_of_message(message, self.leading_space)
-                self.message = _Message(macros=message.macros)
-                return replies
+        kind = type(event)
+        if kind is m.Header:
+            self.add(message, event.name, bytes(event.value))
+        elif kind is m.Macro:
+            message.macros.update(event.macros)
+            return []
+        elif kind is m.Body:
+            self.add_body(message, bytes(event.content))
+        elif kind is m.EndOfMessage:
+            self.add_body(message, bytes(event.content))
+            replies = await self.source.end_of_message(message, self.leading_space)
+            self.message = _Message(macros=message.macros)
+            self.started = False
+            return replies
+        elif kind is m.EnvelopeFrom:
+            self.started = True
+            self.message = message = _Message(
+                mail_from=_address(bytes(event.sender)), macros=message.macros
+            )
+            if self.source.options.skip_authenticated and message.macros.get("{auth_authen}"):
+                message.skip = "authenticated"
+                self.source.log_skip(message)
+                self.started = False
+                return [m.Accept()]  # no more events for this message
+        elif kind is m.EnvelopeRecipient:
+            message.rcpts.append(_address(bytes(event.recipient)))
+        elif kind is m.Abort:
+            self.message = _Message()
+            self.started = False
+            return []
+        elif kind is m.Negotiate:
+            return [self.negotiate(event)]
         return [m.Continue()] if self.protocol.needs_response(event) else []
 
     def negotiate(self, offer: m.Negotiate) -> m.Negotiate:
@@ -302,13 +315,14 @@ class MilterSource(Source):
         super().__init__(options, config)
         if options.quarantine == "hold" and config.quarantine.path is not None:
             log.info("milter quarantines to the MTA's hold queue; quarantine.path is unused")
-        self.sessions: set[asyncio.Task] = set()
+        self.sessions: dict[asyncio.Task, _Session] = {}
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._server: asyncio.Server | None = None
         self._handle: Handler | None = None
         self._context: Context | None = None
+        self._watch: asyncio.Task | None = None
         self.port = 0
 
     async def start(self, handle: Handler, context: Context) -> None:
@@ -322,6 +336,20 @@ class MilterSource(Source):
         self.port = bound_port(self._server)
         where = self.options.where() if self.options.socket else f"{self.options.host}:{self.port}"
         log.info("source=%s listening on %s quarantine=%s", name, where, self.options.quarantine)
+        self._watch = asyncio.create_task(self._close_silent())
+
+    async def _close_silent(self) -> None:
+        """Every quarter of timeout_seconds (at most 5 s), end the connections whose MTA
+        has said nothing for timeout_seconds."""
+        limit = self.options.timeout_seconds
+        while True:
+            await asyncio.sleep(min(limit / 4, 5.0))
+            now = time.monotonic()
+            for task, session in list(self.sessions.items()):
+                since = session.waiting_since
+                if since is not None and now - since > limit:
+                    session.silent = True
+                    task.cancel()
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -331,17 +359,22 @@ class MilterSource(Source):
             log.warning("source=milter peer=%s refused: max_connections reached", peer)
             writer.close()
             return
-        self.sessions.add(task)
+        session = self.sessions[task] = _Session(self, reader, writer)
         try:
-            await _Session(self, reader, writer).run()
+            await session.run()
         except MilterError as e:
             log.warning("source=milter peer=%s closed: %s", peer, e)
-        except (ConnectionError, asyncio.CancelledError):
-            pass  # the MTA went away, or we stop: it applies its milter_default_action
+        except asyncio.CancelledError:
+            if not session.silent:  # we stop: the MTA applies its milter_default_action
+                raise
+            why = f"silent for {self.options.timeout_seconds:g} s (timeout_seconds)"
+            log.warning("source=milter peer=%s closed: %s", peer, why)
+        except ConnectionError:
+            pass  # the MTA went away: it applies its milter_default_action
         except Exception:  # a bug of ours: the MTA applies milter_default_action
             log.exception("source=milter peer=%s closed on an internal error", peer)
         finally:
-            self.sessions.discard(task)
+            del self.sessions[task]
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
@@ -447,6 +480,8 @@ class MilterSource(Source):
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             log.warning("source=milter stopping with %d messages unanswered", self.in_flight)
+        if self._watch is not None:
+            self._watch.cancel()
         for task in list(self.sessions):
             task.cancel()
         if self.sessions:

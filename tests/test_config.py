@@ -125,15 +125,27 @@ def test_config_yaml_documents_every_builtin_source_option_with_its_default():
     """The commented `sources:` example lists each built-in source's options: the same
     names as the plugin's schema, with its defaults (paths, which has none, aside)."""
     from filterd.builtin.maildir_source import MaildirOptions
+    from filterd.builtin.milter import MilterOptions
     from filterd.builtin.smtp_proxy import SmtpOptions
+    from filterd.builtin.spamd import SpamdOptions
 
     text = CONFIG_YAML.read_text()
     block = text[text.index("#   sources:") : text.index("\nsources:")]
     example = yaml.safe_load("\n".join(line[2:] for line in block.splitlines()))
     documented = {entry["name"]: entry["options"] for entry in example["sources"]}
-    for name, schema in (("smtp", SmtpOptions), ("maildir", MaildirOptions)):
+    schemas = {
+        "smtp": SmtpOptions,
+        "maildir": MaildirOptions,
+        "spamd": SpamdOptions,
+        "milter": MilterOptions,
+    }
+    assert set(documented) == set(schemas)
+    for name, schema in schemas.items():
         assert set(documented[name]) == set(schema.model_fields), name
+        given = {k: v for k, v in documented[name].items() if k != "paths"}
+        # Validated, so "::1/128" and the network it means compare equal.
+        required = {"paths": ["/m"]} if name == "maildir" else {}
+        parsed = schema.model_validate(required | given)
         defaults = schema.model_construct().model_dump()
-        for key, value in documented[name].items():
-            if key != "paths":
-                assert value == defaults[key], (name, key)
+        for key in given:
+            assert getattr(parsed, key) == defaults[key], (name, key)

@@ -173,7 +173,9 @@ def test_the_layer_rules_catch_a_wrong_way_import(tmp_path):
     assert [t for t in found if layer(t) > layer("filterd.text")] != []
 
 
-@pytest.mark.parametrize("module", ["actions", "lists", "stdin", "smtp_proxy", "maildir_source"])
+@pytest.mark.parametrize(
+    "module", ["actions", "lists", "stdin", "smtp_proxy", "maildir_source", "milter", "spamd"]
+)
 def test_builtin_plugins_load_no_torch(module):
     run = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", f"import filterd.builtin.{module}"],
