@@ -303,3 +303,49 @@ def test_the_mta_leaving_mid_message_or_falling_silent_is_logged(caplog):
     assert closed == b"" and handler.seen == []
     assert "silent for 0.5 s" in caplog.text
     assert "ended the connection mid-message" in caplog.text
+
+
+def test_stopping_answers_the_message_being_scored_then_closes(caplog):
+    """SIGTERM's drain: a message whose verdict is still coming gets its answer; a
+    connection between messages is closed (the MTA applies its default action)."""
+
+    class Slow(Scripted):
+        async def __call__(self, mail, **kwargs):
+            await asyncio.sleep(0.5)
+            return await super().__call__(mail, **kwargs)
+
+    async def go():
+        tagger = Tagger(b"k" * 32)
+        source, _ = await running({}, Slow(tagger), tagger)
+        idle = await Mta().open(source.port)
+        await idle.negotiate()
+        busy = await Mta().open(source.port)
+        await busy.negotiate()
+        answer = asyncio.create_task(busy.message())
+        await asyncio.sleep(0.2)  # its end of message is being scored
+        await source.stop_accepting()
+        refused = await asyncio.gather(Mta().open(source.port), return_exceptions=True)
+        await source.drain(5)
+        return await answer, await idle.reader.read(), refused[0]
+
+    final, idle_closed, refused = asyncio.run(go())
+    assert isinstance(final[-1], m.Accept)
+    assert idle_closed == b""
+    assert isinstance(refused, OSError)  # the listener is closed: no new connections
+
+
+def test_a_malformed_header_frame_is_refused_with_a_log_line(caplog):
+    async def go():
+        source, _ = await running({})
+        mta = await Mta().open(source.port)
+        await mta.negotiate()  # headers unanswered (NR): read on the quick path
+        await mta.send(m.EnvelopeFrom(b"<ann@example.org>"))
+        await mta.reply()
+        mta.writer.write(b"\x00\x00\x00\x05LSubj")  # no NUL after the name, no value
+        closed = await asyncio.wait_for(mta.reader.read(), 5)
+        await stopped(source)
+        return closed
+
+    with caplog.at_level(logging.INFO, "filterd.milter"):
+        assert asyncio.run(go()) == b""
+    assert "unreadable frame b'L': a header is NAME\\0VALUE\\0" in caplog.text
