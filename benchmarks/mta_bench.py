@@ -201,8 +201,8 @@ def main() -> None:
     results = []
     for arch in args.archs.split(","):
         checkpoint = write_checkpoint(arch, work / arch)
-        for mode in args.modes.split(","):
-            run = work / f"{arch}-{mode}"
+        for i, mode in enumerate(args.modes.split(",")):  # a mode may come twice (alternating)
+            run = work / f"{arch}-{i}-{mode}"
             run.mkdir()
             postfix, settings, port = setup(mode, checkpoint, run, json.loads(args.scoring))
             daemon = None

@@ -2,11 +2,12 @@
 
 `verdicts()` scores a list at once (the CLI). `verdict()` is for asyncio servers: each
 call joins a queue; an idle model takes what is queued at once, and while it is busy,
-arrivals within `scoring.batch_wait_ms` share the next micro-batch of at most
-`scoring.max_batch`. The model runs in worker threads so the event loop never waits on
-it. Two micro-batches go to the model at once: while one is scored, the next is read and
-tokenized (or waits in the scoring process), so the model does not sit idle while the
-messages of the last batch are relayed. A caller waits at most `scoring.timeout_seconds`
+arrivals share the next micro-batch of at most `scoring.max_batch`, handed over when the
+model is done or the first of them waited `scoring.batch_wait_ms`. The model runs in
+worker threads so the event loop never waits on it. Two micro-batches go to the model at
+once: while one is scored, the next is read and tokenized (or waits in the scoring
+process), so the model does not sit idle while the messages of the last batch are
+relayed. A caller waits at most `scoring.timeout_seconds`
 and then gets ScoringTimeout, which it maps onto its failure policy (`failure()`).
 `swap()` replaces the model between batches, for reloads.
 """
@@ -14,7 +15,6 @@ and then gets ScoringTimeout, which it maps onto its failure policy (`failure()`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -228,13 +228,17 @@ class Engine:
             while len(busy := {t for t in self._scoring if not t.done()}) >= PIPELINE:
                 await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
             # An idle model takes what is there at once: waiting for company only adds
-            # latency then. While a batch is scored, arrivals gather (at most `wait` for
-            # the first) into the next. Those that already waited go at once.
+            # latency then. While a batch is scored, arrivals gather into the next until
+            # it is full, the first of them waited `wait`, or the model is done (then it
+            # would sit idle). Those that already waited go at once.
             remaining = self._pending[0][2] + wait - loop.time()
             if busy and remaining > 0 and len(self._pending) < size:
                 full.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(full.wait(), remaining)
+                filled = loop.create_task(full.wait())
+                await asyncio.wait(
+                    {filled, *busy}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                filled.cancel()
             batch = [p for p in self._pending[:size] if not p[1].done()]
             del self._pending[:size]
             if batch:

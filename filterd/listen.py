@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
@@ -35,7 +36,10 @@ def is_loopback(host: str) -> bool:
 
 class TcpListening(BaseModel):
     """A TCP address and the clients it serves. Mixed into a source's options or a config
-    section, which overrides `port` with its own default."""
+    section, which overrides `port` with its own default and may say in `exposed` what
+    listening beyond loopback risks."""
+
+    exposed: ClassVar[str] = "firewall it"
 
     # Listening beyond loopback must be asked for. (Before `host`: its check reads it.)
     allow_remote: bool = False
@@ -56,7 +60,7 @@ class TcpListening(BaseModel):
         if not info.data.get("allow_remote") and not is_loopback(host):
             raise ValueError(
                 f"{host} is not a loopback address: set allow_remote: true to listen there "
-                "(and firewall it)"
+                f"({cls.exposed})"
             )
         return host
 
@@ -64,9 +68,9 @@ class TcpListening(BaseModel):
         """For log lines: host:port."""
         return f"{self.host}:{self.port}"
 
-    def permits(self, writer: asyncio.StreamWriter) -> bool:
+    def permits(self, connection: asyncio.StreamWriter | asyncio.BaseTransport) -> bool:
         """Whether this client may talk to us: its address is in allowed_clients."""
-        peer = writer.get_extra_info("peername")
+        peer = connection.get_extra_info("peername")
         if not isinstance(peer, tuple):  # a Unix socket: its mode decided
             return True
         try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from filterd import listen
 from filterd.config import Metrics as MetricsConfig
 from filterd.engine import ScoringTimeout
 from filterd.mail import Mail
+from filterd.model.history import file_sha256
 from filterd.plugin_api import Handler, Outcome
 
 log = logging.getLogger("filterd")
@@ -54,15 +54,6 @@ FAILURES = ("timeout", "error")
 PROBABILITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TIMEOUT_NOTE = f"{ScoringTimeout.__name__}:"  # how engine.handle notes a timeout
-
-
-def file_sha256(path: Path) -> str:
-    """The hex sha256 of a file, read in 1 MiB pieces (a checkpoint may be 500 MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(1 << 20):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 class Metrics:

@@ -34,6 +34,18 @@ class Verdict:
         return round(self.probability * 10, 1)
 
 
+def log_fields(verdict: Verdict | None, none: str = "unscored") -> str:
+    """The verdict part of every source's line per message: `label=ham score=0.1192
+    action=tag`; a check or a marker decided: `label=spam decided_by=check:lists score=-
+    action=reject`; no verdict: `label=- score=- action=unscored` (or `none`)."""
+    if verdict is None:
+        return f"label=- score=- action={none}"
+    p = verdict.probability
+    by = "" if verdict.decided_by == "model" else f" decided_by={verdict.decided_by}"
+    score = f"{p:.4f}" if p is not None and verdict.decided_by == "model" else "-"
+    return f"label={verdict.label}{by} score={score} action={verdict.action}"
+
+
 def action_for(
     probability: float, quarantine_threshold: float | None, reject_threshold: float | None
 ) -> ActionName:

@@ -59,7 +59,7 @@ from filterd.config import Config, ConfigError
 from filterd.mail import Mail
 from filterd.plugin_api import Context, Handler, Options, Outcome, Source
 from filterd.store import maildir
-from filterd.verdict import Verdict
+from filterd.verdict import Verdict, log_fields
 
 log = logging.getLogger("filterd.maildir")
 
@@ -440,19 +440,12 @@ class MaildirSource(Source):
                         self.settings.rescan_seconds,
                     )
                     return
-                verdict = outcome.verdict
-                p = None if verdict is None else verdict.probability
-                decided_by = "model" if verdict is None else verdict.decided_by
                 log.log(
                     logging.INFO if found.whole else logging.WARNING,
-                    "source=maildir message_id=%s file=%s label=%s%s score=%s action=%s to=%s "
-                    "latency_ms=%.0f",
+                    "source=maildir message_id=%s file=%s %s to=%s latency_ms=%.0f",
                     mail.header("Message-ID") or "-",
                     path,
-                    "-" if verdict is None else verdict.label,
-                    "" if decided_by == "model" else f" decided_by={decided_by}",
-                    "-" if p is None or decided_by != "model" else f"{p:.4f}",
-                    "unscored" if verdict is None else verdict.action,
+                    log_fields(outcome.verdict),
                     where,
                     (time.monotonic() - began) * 1000,
                 )

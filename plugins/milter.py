@@ -34,6 +34,7 @@ from filterd.headers import header_fields
 from filterd.listen import Listening, bound_port, serve
 from filterd.mail import Mail
 from filterd.plugin_api import Context, Handler, Options, Outcome, Source
+from filterd.verdict import log_fields
 
 log = logging.getLogger("filterd.milter")
 
@@ -452,26 +453,20 @@ class MilterSource(Source):
     def _log(
         mail: Mail, message: _Message, outcome: Outcome | None, reply: m.Message, began: float
     ) -> None:
-        verdict = None if outcome is None else outcome.verdict
-        p = None if verdict is None else verdict.probability
-        decided_by = "model" if verdict is None else verdict.decided_by
         answer = {
             m.Accept: "accept",
             m.Discard: "discard",
             m.ReplyCode: getattr(reply, "content", b"")[:3].decode(),
         }.get(type(reply), type(reply).__name__)
         log.info(
-            "source=milter queue_id=%s message_id=%s peer=%s from=<%s> rcpts=%d label=%s%s "
-            "score=%s action=%s reply=%s latency_ms=%.0f note=%s",
+            "source=milter queue_id=%s message_id=%s peer=%s from=<%s> rcpts=%d %s reply=%s "
+            "latency_ms=%.0f note=%s",
             message.macros.get("i", "-"),
             mail.header("Message-ID") or "-",
             mail.origin or "-",
             mail.mail_from,
             len(mail.rcpt_tos),
-            verdict.label if verdict else "-",
-            "" if decided_by == "model" else f" decided_by={decided_by}",
-            "-" if p is None or decided_by != "model" else f"{p:.4f}",
-            verdict.action if verdict else "unscored",
+            log_fields(None if outcome is None else outcome.verdict),
             answer,
             (time.monotonic() - began) * 1000,
             (outcome.note if outcome else "") or "-",

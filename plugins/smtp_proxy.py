@@ -32,15 +32,16 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
 from filterd.config import Config, ConfigError
-from filterd.listen import is_loopback
+from filterd.listen import TcpListening, is_loopback
 from filterd.mail import Mail
 from filterd.plugin_api import Context, Handler, Options, Outcome, Source
+from filterd.verdict import log_fields
 
 log = logging.getLogger("filterd.smtp")
 
@@ -67,16 +68,17 @@ TOO_MANY = b"421 4.7.0 Too many connections, try again later\r\n"
 IDLE = b"421 4.4.2 Idle too long, closing connection\r\n"
 
 
-class SmtpOptions(Options):
-    """The SMTP proxy in front of the next hop (the config's `relay`)."""
+class SmtpOptions(Options, TcpListening):
+    """The SMTP proxy in front of the next hop (the config's `relay`). Where it listens:
+    filterd.listen.TcpListening (loopback unless allow_remote: the next hop's reinjection
+    port trusts loopback, so a proxy others can reach is an open relay)."""
 
+    exposed: ClassVar[str] = (
+        "firewall it: the next hop trusts mail from filterd, so an exposed proxy is an open relay"
+    )
     # after_queue: Postfix content_filter (reject not allowed: it would cause backscatter);
     # before_queue: smtpd_proxy_filter (reject answers 550 5.7.1 to the sending client).
     mode: Literal["after_queue", "before_queue"] = "after_queue"
-    # Listening beyond loopback must be asked for: the next hop's reinjection port trusts
-    # loopback, so a proxy others can reach is an open relay. (Before `host`: its check.)
-    allow_remote: bool = False
-    host: str = "127.0.0.1"  # loopback: the MTA on this machine is the only client
     port: int = Field(10025, ge=0, le=65535)  # 0: any free port (tests)
     max_message_bytes: int = Field(52_428_800, ge=1024)  # advertised as SIZE; larger: 552
     max_connections: int = Field(100, ge=1)  # more: 421 at connect
@@ -84,21 +86,6 @@ class SmtpOptions(Options):
     timeout_seconds: float = Field(300.0, gt=0)  # idle: waiting for the client; then 421
     # DATA to its answer (upload, scoring, relaying); past it: 451 (the client retries)
     transaction_timeout_seconds: float = Field(600.0, gt=0)
-
-    @field_validator("host")
-    @classmethod
-    def _listen_where_meant(cls, host: str, info: ValidationInfo) -> str:
-        """An empty host would listen on every address without a word; any other address
-        beyond loopback needs allow_remote."""
-        if not host.strip():
-            raise ValueError("empty: that listens on every address; name one, e.g. 127.0.0.1")
-        if not info.data.get("allow_remote") and not is_loopback(host):
-            raise ValueError(
-                f"{host} is not a loopback address: set allow_remote: true to listen there "
-                "(firewall it: the next hop trusts mail from filterd, so an exposed proxy is "
-                "an open relay)"
-            )
-        return host
 
 
 class NextHopError(OSError):
@@ -265,6 +252,14 @@ class _Connection(SMTP):
         self.deadline = 0.0  # loop time at which the current DATA's transaction times out
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.proxy.settings.permits(transport):
+            log.warning(
+                "source=smtp refused a client from %s: not in allowed_clients",
+                transport.get_extra_info("peername"),
+            )
+            self.refused = True
+            transport.close()
+            return
         refusal = self.proxy.refusal()
         if refusal is not None:
             self.refused = True
@@ -686,20 +681,14 @@ class SmtpProxy(Source):
     def _log(mail: Mail, outcome: Outcome | None, answer: str, began: float) -> None:
         """The line per message: label ham/spam ("-" unscored), the model's score ("-" when
         a check or an existing marker decided, and then decided_by says which)."""
-        verdict = None if outcome is None else outcome.verdict
-        p = None if verdict is None else verdict.probability
-        decided_by = "model" if verdict is None else verdict.decided_by
         log.info(
-            "source=smtp message_id=%s peer=%s from=<%s> rcpts=%d label=%s%s score=%s action=%s "
-            "reply=%s latency_ms=%.0f note=%s",
+            "source=smtp message_id=%s peer=%s from=<%s> rcpts=%d %s reply=%s latency_ms=%.0f "
+            "note=%s",
             mail.header("Message-ID") or "-",
             mail.origin,
             mail.mail_from,
             len(mail.rcpt_tos),
-            verdict.label if verdict else "-",
-            "" if decided_by == "model" else f" decided_by={decided_by}",
-            "-" if p is None or decided_by != "model" else f"{p:.4f}",
-            verdict.action if verdict else "unscored",
+            log_fields(None if outcome is None else outcome.verdict),
             answer[:3],
             (time.monotonic() - began) * 1000,
             (outcome.note if outcome else "") or "-",

@@ -56,7 +56,7 @@ from filterd.spamd_protocol import (
     user_of,
 )
 from filterd.store.feedback import FeedbackError
-from filterd.verdict import Verdict
+from filterd.verdict import Verdict, log_fields
 
 log = logging.getLogger("filterd.spamd")
 
@@ -371,26 +371,21 @@ class SpamdSource(Source):
         mail = None if body is None else Mail(body)
         fields = {} if request is None else request.fields
         command = (request.command if request else "") or "-"
-        p = None if verdict is None else verdict.probability
-        decided_by = "model" if verdict is None else verdict.decided_by
         if command == "TELL":
             label = "".join(c for c in fields.get("message-class", "") if c.isalnum())[:20]
+            judged = f"label={label or '-'} score=- action=-"
         else:
-            label = verdict.label if verdict else "-"
-        action = verdict.action if verdict else "unscored" if outcome else "-"
+            judged = log_fields(verdict, "unscored" if outcome else "-")
         log.log(
             logging.INFO if code == EX_OK else logging.WARNING,
-            "source=spamd command=%s user=%s peer=%s message_id=%s bytes=%s label=%s%s "
-            "score=%s action=%s reply=%d latency_ms=%.0f note=%s",
+            "source=spamd command=%s user=%s peer=%s message_id=%s bytes=%s %s reply=%d "
+            "latency_ms=%.0f note=%s",
             command,
             user_of(fields) or "-",
             peer,
             (mail.header("Message-ID") if mail else None) or "-",
             "-" if body is None else len(body),
-            label or "-",
-            "" if decided_by == "model" else f" decided_by={decided_by}",
-            "-" if p is None or decided_by != "model" else f"{p:.4f}",
-            action,
+            judged,
             code,
             (time.monotonic() - began) * 1000,
             " ".join(note.split()) or "-",
