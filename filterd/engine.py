@@ -286,6 +286,7 @@ class Engine:
             return self.context.failure(mail, f"{type(e).__name__}: {e}")
 
     def close(self) -> None:
+        """The last close: batches finish, the model (and its process) is released."""
         self._executor.shutdown(wait=True)
         for classifier in {self._classifier, *self._scoring.values()}:
-            classifier.close()
+            classifier.close(wait=10.0)

@@ -97,7 +97,7 @@ class Counting:
             self.running -= 1
         return [0.9 if b"spam" in r else 0.1 for r in raws]
 
-    def close(self) -> None:
+    def close(self, wait: float = 0.0) -> None:
         self.closed = True
 
 

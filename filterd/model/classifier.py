@@ -58,8 +58,9 @@ class Scorer(ABC):
         """Another checkpoint, loaded the way this one was (for the daemon's reloads)."""
 
     @abstractmethod
-    def close(self) -> None:
-        """Release what the model holds; a batch being scored still finishes."""
+    def close(self, wait: float = 0.0) -> None:
+        """Release what the model holds; a batch being scored still finishes. `wait`: at
+        most this many seconds for it to be released (the last close before exiting)."""
 
 
 class Classifier(Scorer):
@@ -106,7 +107,7 @@ class Classifier(Scorer):
     def reload(self, path: str | os.PathLike) -> Classifier:
         return load_classifier(path, self.device, self.limits, self.precision)
 
-    def close(self) -> None:
+    def close(self, wait: float = 0.0) -> None:
         """Nothing to release: the model lives in this process until it is dropped."""
 
     def score_messages(

@@ -141,7 +141,17 @@ class ProcessClassifier(Scorer):
         """Another checkpoint in a new child, loaded the way this one was."""
         return ProcessClassifier(path, self.device, self.limits, self.precision)
 
-    def close(self) -> None:
-        """Stop the child once the batch it is scoring (if any) is done; returns at once."""
-        if self._pool is not None:
+    def close(self, wait: float = 0.0) -> None:
+        """Stop the child once the batch it is scoring (if any) is done; returns at once,
+        or with `wait`, once the pool's own thread has finished (at most `wait` seconds).
+        The daemon's last close waits: exiting while that thread still tears the pool
+        down races CPython 3.11's exit hook, which then writes to the pool's just-closed
+        wakeup pipe (a stray "Bad file descriptor" traceback after "stopped")."""
+        if self._pool is None:
+            return
+        if not wait:
             self._pool.shutdown(wait=False)
+            return
+        done = threading.Thread(target=self._pool.shutdown, daemon=True)  # joins that thread
+        done.start()
+        done.join(wait)
