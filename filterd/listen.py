@@ -8,10 +8,13 @@ their mail, learns from their labels, or (the proxy) relays for them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import grp
 import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import ClassVar
@@ -106,12 +109,33 @@ class Listening(TcpListening):
 
 
 def prepare_socket(path: Path) -> None:
-    """Remove a stale socket left by a daemon that did not stop cleanly; anything else at
-    the path is an error rather than deleted."""
+    """Remove a stale socket left by a daemon that did not stop cleanly. One that still
+    answers is another process's (a second `filterd serve`): taking it over would cut the
+    running daemon off its clients, so that is an error, as is anything not a socket."""
     if path.is_socket():
-        path.unlink()
-    elif path.exists():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(path))
+            except OSError:  # nobody listens: stale
+                path.unlink()
+                return
+        raise OSError(errno.EADDRINUSE, f"{path} is in use by another process; not taking it over")
+    if path.exists():
         raise OSError(f"{path}: exists and is not a socket; not replacing it")
+
+
+def socket_identity(path: Path) -> tuple[Path, int]:
+    """What remove_socket needs to remove only the socket we made."""
+    return path, path.stat().st_ino
+
+
+def remove_socket(identity: tuple[Path, int]) -> None:
+    """Remove our socket at stop, unless it is gone or another process's by now."""
+    path, inode = identity
+    with contextlib.suppress(OSError):
+        if path.is_socket() and path.stat().st_ino == inode:
+            path.unlink()
 
 
 def secure_socket(path: Path, mode: str, group: str | None = None) -> None:

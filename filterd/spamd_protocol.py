@@ -274,8 +274,8 @@ def error_reply(code: int, why: str) -> bytes:
 def header_block(message: bytes) -> bytes:
     """A message's header up to and including the empty line that ends it (HEADERS),
     found as spamc finds it to append the body: the first CRLF CRLF or LF LF."""
-    ends = [i + n for i, n in ((message.find(b"\r\n\r\n"), 4), (message.find(b"\n\n"), 2))]
-    ends = [end for end in ends if end >= 2]
+    found = ((message.find(b"\r\n\r\n"), 4), (message.find(b"\n\n"), 2))
+    ends = [i + n for i, n in found if i >= 0]
     return message[: min(ends)] if ends else message
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import struct
 import time
+from pathlib import Path
 from typing import Literal
 
 from kilter.protocol import messages as m
@@ -31,7 +32,7 @@ from pydantic import Field
 
 from filterd.config import Config, ConfigError
 from filterd.headers import header_fields
-from filterd.listen import Listening, bound_port, serve
+from filterd.listen import Listening, bound_port, remove_socket, serve, socket_identity
 from filterd.mail import Mail
 from filterd.plugin_api import Context, Handler, Options, Outcome, Source
 from filterd.verdict import log_fields
@@ -41,6 +42,7 @@ log = logging.getLogger("filterd.milter")
 VERSION = 6
 # Postfix sends body chunks of at most 64 KiB; a frame larger than this is not a milter's.
 MAX_FRAME = 1 << 20
+NEGOTIATE_SECONDS = 10.0  # an MTA negotiates as it connects
 _LENGTH = struct.Struct("!L")
 REJECTED = b"550 5.7.1 Message refused as spam"
 NOT_SCORED = b"451 4.3.0 Message not scored, try again later"
@@ -62,7 +64,7 @@ _ACTIONS = (
 _MACROS = {
     m.Stage.CONNECT: [],
     m.Stage.HELO: [],
-    m.Stage.ENVELOPE_FROM: ["{auth_authen}", "{client_addr}"],
+    m.Stage.ENVELOPE_FROM: ["{client_addr}"],  # and {auth_authen} with skip_authenticated
     m.Stage.ENVELOPE_RECIPIENT: [],
     m.Stage.DATA: [],
     m.Stage.END_HEADERS: [],
@@ -142,8 +144,9 @@ def header_edits(received: list[tuple[str, bytes]], tagged: bytes, prefix: str) 
 
 
 def _field_value(field: bytes) -> bytes:
-    """A field's value as a milter sends and takes it: after the colon, line end gone."""
-    return field.partition(b":")[2].rstrip(b"\r\n")
+    """A field's value as a milter sends and takes it: after the colon, line end gone,
+    folded lines joined by LF alone (a CR there would reach the mailbox as a stray CR)."""
+    return field.partition(b":")[2].rstrip(b"\r\n").replace(b"\r\n", b"\n")
 
 
 def _unfolded(value: bytes) -> bytes:
@@ -180,8 +183,10 @@ class _Session:
         self.leading_space = False
         self.started = False  # a message is under way (MAIL seen, no end or abort yet)
         self.waiting_since: float | None = None  # reading the MTA's next frame since
-        self.unanswered: frozenset[bytes] = frozenset()  # header, body: when negotiated NR
-        self.silent = False  # closed by the source's watch for silence
+        self.unanswered = frozenset([b"D"])  # macros; header, body too when negotiated NR
+        self.negotiated = False
+        self.opened = time.monotonic()
+        self.silent = ""  # why the source's watch closed it
 
     async def read(self) -> m.Message | None:
         """The next frame, parsed; None at a clean end of the connection. While it waits,
@@ -288,13 +293,16 @@ class _Session:
             raise MilterError(f"the MTA does not allow {missing!r}: filterd cannot tag")
         protocol = (_NOT_WANTED | _IF_OFFERED) & offer.protocol_flags
         self.leading_space = bool(protocol & m.ProtocolFlags.HEADER_LEADING_SPACE)
-        self.unanswered = frozenset(
+        self.unanswered |= frozenset(
             kind
             for kind, flag in ((b"L", m.ProtocolFlags.NR_HEADER), (b"B", m.ProtocolFlags.NR_BODY))
             if protocol & flag
         )
         actions = _ACTIONS & offer.action_flags
-        macros = _MACROS if actions & m.ActionFlags.SETSYMLIST else {}
+        macros = dict(_MACROS) if actions & m.ActionFlags.SETSYMLIST else {}
+        if macros and self.source.options.skip_authenticated:
+            macros[m.Stage.ENVELOPE_FROM] = [*macros[m.Stage.ENVELOPE_FROM], "{auth_authen}"]
+        self.negotiated = True
         return m.Negotiate(min(VERSION, offer.version), actions, protocol, macros)
 
     def add(self, message: _Message, name: str, value: bytes) -> None:
@@ -304,8 +312,8 @@ class _Session:
         message.too_big = message.too_big or message.size > self.source.options.max_message_bytes
         if not message.too_big:
             message.headers.append((name, value))
-        else:
-            message.headers.append((name, value[:1000]))  # kept for the edits' indices
+        elif name.lower().startswith(self.source.prefix):  # to delete it; nothing else kept
+            message.headers.append((name, b""))
 
     def add_body(self, message: _Message, chunk: bytes) -> None:
         message.size += len(chunk)
@@ -333,10 +341,13 @@ class MilterSource(Source):
         self._handle: Handler | None = None
         self._context: Context | None = None
         self._watch: asyncio.Task | None = None
+        self._socket: tuple[Path, int] | None = None  # our Unix socket and its inode
+        self.prefix = "x-spam-"  # the tagger's, lower-cased, once started
         self.port = 0
 
     async def start(self, handle: Handler, context: Context) -> None:
         self._handle, self._context = handle, context
+        self.prefix = context.tagger.prefix.lower()
         name = self.name or "milter"
         try:
             self._server = await serve(self.options, self._session, name)
@@ -344,22 +355,29 @@ class MilterSource(Source):
             where = self.where or "milter"
             raise ConfigError(f"{where}: cannot listen on {self.options.where()}: {e}") from e
         self.port = bound_port(self._server)
+        if self.options.socket is not None:
+            self._socket = socket_identity(self.options.socket.expanduser())
         where = self.options.where() if self.options.socket else f"{self.options.host}:{self.port}"
         log.info("source=%s listening on %s quarantine=%s", name, where, self.options.quarantine)
         self._watch = asyncio.create_task(self._close_silent())
 
     async def _close_silent(self) -> None:
-        """Every quarter of timeout_seconds (at most 5 s), end the connections whose MTA
-        has said nothing for timeout_seconds."""
+        """End the connections whose MTA has said nothing for timeout_seconds, and those
+        that did not negotiate at once (an MTA does so as it connects; an idle client must
+        not hold one of max_connections for long)."""
         limit = self.options.timeout_seconds
         while True:
-            await asyncio.sleep(min(limit / 4, 5.0))
+            await asyncio.sleep(min(limit, NEGOTIATE_SECONDS) / 4)
             now = time.monotonic()
             for task, session in list(self.sessions.items()):
                 since = session.waiting_since
                 if since is not None and now - since > limit:
-                    session.silent = True
-                    task.cancel()
+                    session.silent = f"silent for {limit:g} s (timeout_seconds)"
+                elif not session.negotiated and now - session.opened > NEGOTIATE_SECONDS:
+                    session.silent = f"no milter negotiation within {NEGOTIATE_SECONDS:g} s"
+                else:
+                    continue
+                task.cancel()
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -377,8 +395,7 @@ class MilterSource(Source):
         except asyncio.CancelledError:
             if not session.silent:  # we stop: the MTA applies its milter_default_action
                 raise
-            why = f"silent for {self.options.timeout_seconds:g} s (timeout_seconds)"
-            log.warning("source=milter peer=%s closed: %s", peer, why)
+            log.warning("source=milter peer=%s closed: %s", peer, session.silent)
         except ConnectionError:
             pass  # the MTA went away: it applies its milter_default_action
         except Exception:  # a bug of ours: the MTA applies milter_default_action
@@ -473,9 +490,12 @@ class MilterSource(Source):
         )
 
     async def stop_accepting(self) -> None:
-        """Close the listener; messages being scored still get their answer."""
+        """Close the listener (and remove our Unix socket); messages being scored still get
+        their answer."""
         if self._server is not None:
             self._server.close()
+        if self._socket is not None:
+            remove_socket(self._socket)
 
     async def drain(self, timeout: float) -> None:
         """Wait for messages being scored (at most `timeout`), then end every session: the
@@ -495,13 +515,18 @@ class MilterSource(Source):
 
 
 def _unanswered_frame(kind: bytes, data: bytes) -> m.Message:
-    """A header or body chunk the MTA expects no answer to, read without kilter's
+    """A macro list, header or body chunk the MTA expects no answer to, read without kilter's
     protocol state machine (whose only check for such a frame is that no answer is owed,
     which this loop never leaves open): these are ~25 of a message's ~30 frames, and the
     generic path cost more than the rest of the session. Same message types, same
     errors for a malformed frame."""
     if kind == b"B":
         return m.Body(data[1:])
+    if kind == b"D":  # a stage, then NAME\0VALUE\0 pairs; values may be UTF-8 (a SASL name)
+        if len(data) < 2:
+            raise MilterError("unreadable frame b'D': no stage")
+        words = [w.decode("utf-8", "replace") for w in data[2:].split(b"\0")]
+        return m.Macro(data[1], dict(zip(words[0:-1:2], words[1::2], strict=False)))
     name, sep, rest = data[1:].partition(b"\0")
     value, end, tail = rest.partition(b"\0")
     if not (sep and end) or tail:

@@ -18,7 +18,6 @@ request ends in one log line, faults included.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import re
@@ -29,7 +28,7 @@ from pydantic import Field
 
 from filterd.config import Config, ConfigError
 from filterd.learning import forget, learn
-from filterd.listen import Listening, bound_port, serve
+from filterd.listen import Listening, bound_port, remove_socket, serve, socket_identity
 from filterd.mail import Mail
 from filterd.plugin_api import Context, Handler, Options, Outcome, Source
 from filterd.spamd_protocol import (
@@ -137,7 +136,7 @@ class SpamdSource(Source):
         self.port = bound_port(self._server)
         if settings.socket is not None:
             path = settings.socket.expanduser()
-            self._socket = path, path.stat().st_ino
+            self._socket = socket_identity(path)
         shown = settings.where() if settings.socket else f"{settings.host}:{self.port}"
         log.info("source=spamd listening on %s (%s)", shown, where)
 
@@ -159,10 +158,7 @@ class SpamdSource(Source):
         if self._server is not None:
             self._server.close()
         if self._socket is not None:
-            path, inode = self._socket
-            with contextlib.suppress(OSError):  # gone already, or replaced: not ours
-                if path.is_socket() and path.stat().st_ino == inode:
-                    path.unlink()
+            remove_socket(self._socket)
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most `timeout`) for every connection to get its answer; then close the

@@ -349,3 +349,71 @@ def test_a_malformed_header_frame_is_refused_with_a_log_line(caplog):
     with caplog.at_level(logging.INFO, "filterd.milter"):
         assert asyncio.run(go()) == b""
     assert "unreadable frame b'L': a header is NAME\\0VALUE\\0" in caplog.text
+
+
+def test_a_second_daemon_never_takes_over_a_live_socket_and_ours_goes_at_stop(tmp_path):
+    from filterd.config import ConfigError
+
+    path = tmp_path / "milter.sock"
+
+    async def go():
+        first, _ = await running({"socket": str(path)})
+        with pytest.raises(ConfigError, match="in use by another process"):
+            await running({"socket": str(path)})
+        reader, writer = await asyncio.open_unix_connection(str(path))  # still the first's
+        writer.write(pack(m.Negotiate(6, m.ActionFlags.ALL, PROTOCOL_OFFER)))
+        head = await asyncio.wait_for(reader.readexactly(5), 5)
+        writer.close()
+        await stopped(first)
+        return head
+
+    assert asyncio.run(go())[4:5] == b"O"  # the first daemon answered
+    assert not path.exists()  # removed at stop
+    path.touch()  # not a socket: never replaced
+    with pytest.raises(Exception, match="not a socket"):
+        asyncio.run(running({"socket": str(path)}))
+
+
+def test_a_client_that_never_negotiates_is_closed_soon(caplog, monkeypatch):
+    import plugins.milter
+
+    monkeypatch.setattr(plugins.milter, "NEGOTIATE_SECONDS", 0.3)
+
+    async def go():
+        source, _ = await running({})
+        idle = await Mta().open(source.port)
+        closed = await asyncio.wait_for(idle.reader.read(), 5)
+        await stopped(source)
+        return closed
+
+    with caplog.at_level(logging.INFO, "filterd.milter"):
+        assert asyncio.run(go()) == b""
+    assert "no milter negotiation within 0.3 s" in caplog.text
+
+
+def test_a_folded_subject_is_changed_without_a_stray_cr():
+    tagger = Tagger(b"k" * 32, subject_prefix="[SPAM] ")
+    received = [("Subject", b" lunch\n\ttomorrow"), ("From", b" a@example.org")]
+    raw = b"Subject: lunch\r\n\ttomorrow\r\nFrom: a@example.org\r\n\r\nhi\r\n"
+    tagged = tagger.tag(raw, Verdict(0.9, True, "tag", 0.5, "scripted"))
+    (subject,) = [e for e in header_edits(received, tagged, "X-Spam-") if e.name == "Subject"]
+    assert subject.value == b" [SPAM] lunch\n\ttomorrow"
+
+
+def test_a_utf8_sasl_name_is_read_and_skipped_when_asked(caplog):
+    async def go():
+        source, handler = await running({"skip_authenticated": True})
+        mta = await Mta().open(source.port)
+        offer = await mta.negotiate()
+        payload = b"DM{auth_authen}\x00J\xc3\xb6rg\x00"  # kilter would refuse it: not ASCII
+        mta.writer.write(len(payload).to_bytes(4, "big") + payload)
+        await mta.send(m.EnvelopeFrom(b"<j@example.org>"))
+        answer = await mta.reply()
+        await stopped(source)
+        return offer, answer, handler
+
+    with caplog.at_level(logging.INFO, "filterd.milter"):
+        offer, answer, handler = asyncio.run(go())
+    assert "{auth_authen}" in offer.macros[m.Stage.ENVELOPE_FROM]
+    assert isinstance(answer, m.Accept) and handler.seen == []
+    assert "action=skipped reason=authenticated" in caplog.text

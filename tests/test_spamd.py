@@ -568,3 +568,16 @@ def test_sigterm_stops_the_daemons_and_removes_the_socket(served):
     assert spam.daemon.stop() == 0 and served["ham"].daemon.stop() == 0
     assert "stopped" in spam.daemon.lines[-1]
     assert not spam.at[1].exists()
+
+
+@pytest.mark.parametrize(
+    ("message", "head"),
+    [
+        (b"A: 1\r\nB: 2\r\n\r\nbody\r\n\r\nmore", b"A: 1\r\nB: 2\r\n\r\n"),
+        (b"A: 1\nB: 2\n\nbody\n\nmore", b"A: 1\nB: 2\n\n"),  # LF only: a file on disk
+        (b"A: 1\nB: 2\n\nbody\r\n\r\nmore", b"A: 1\nB: 2\n\n"),
+        (b"A: 1\nB: 2\n", b"A: 1\nB: 2\n"),  # no body: all of it
+    ],
+)
+def test_header_block_ends_at_the_first_empty_line_whatever_the_line_ends(message, head):
+    assert spamd_protocol.header_block(message) == head
