@@ -613,7 +613,9 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, help=config_help)
     check.set_defaults(run=cmd_check)
 
-    serve = sub.add_parser("serve", help="run the daemon: the configured sources (smtp, maildir)")
+    serve = sub.add_parser(
+        "serve", help="run the daemon: the configured sources (smtp, milter, spamd, maildir)"
+    )
     serve.add_argument("--checkpoint", type=Path, help="overrides the config's checkpoint")
     serve.add_argument("--config", type=Path, help=config_help)
     serve.set_defaults(run=cmd_serve)

@@ -428,7 +428,7 @@ class MilterSource(Source):
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.set()
-        self._log(mail, message, outcome, replies[-1], began)
+        self._log(mail, message, outcome, replies, began)
         return replies
 
     async def _answer(
@@ -468,10 +468,17 @@ class MilterSource(Source):
 
     @staticmethod
     def _log(
-        mail: Mail, message: _Message, outcome: Outcome | None, reply: m.Message, began: float
+        mail: Mail,
+        message: _Message,
+        outcome: Outcome | None,
+        replies: list[m.Message],
+        began: float,
     ) -> None:
+        """The line per message; reply: accept, hold (Postfix's hold queue), discard (in
+        filterd's store) or the reply code."""
+        reply = replies[-1]
         answer = {
-            m.Accept: "accept",
+            m.Accept: "hold" if any(type(r) is m.Quarantine for r in replies) else "accept",
             m.Discard: "discard",
             m.ReplyCode: getattr(reply, "content", b"")[:3].decode(),
         }.get(type(reply), type(reply).__name__)

@@ -211,7 +211,7 @@ def test_quarantine_to_the_hold_queue_keeps_the_edits(caplog):
     (quarantine,) = [e for e in answer if isinstance(e, m.Quarantine)]
     assert "0.970" in quarantine.reason
     assert any(isinstance(e, m.InsertHeader) for e in answer)
-    assert "queue_id=4XyZ" in caplog.text and "action=quarantine reply=accept" in caplog.text
+    assert "queue_id=4XyZ" in caplog.text and "action=quarantine reply=hold" in caplog.text
 
 
 def test_authenticated_senders_pass_unscored_when_asked(caplog):
