@@ -265,7 +265,7 @@ def _spamd_handler(config: Config, address: Address | None) -> tuple[Handler, Co
     """A Handler that has the daemon's spamd source tag the message (PROCESS); when the
     daemon is unreachable or errs, this config's failure policy decides, here."""
     from filterd.plugin_api import Context, Outcome
-    from filterd.spamd_protocol import SpamdError, process
+    from filterd.spamd_protocol import EX_DATAERR, SpamdError, process
 
     address = address or _spamd_address(config)
     context = Context(config, _tagger(config))
@@ -276,6 +276,8 @@ def _spamd_handler(config: Config, address: Address | None) -> tuple[Handler, Co
             tagged, _ = process(address, mail.raw, timeout)  # one message: blocking is fine
         except SpamdError as e:
             _err(f"not scored: {e}")
+            if e.code == EX_DATAERR:  # over the daemon's size cap: a retry cannot help
+                return Outcome("deliver", context.tagger.unscored(mail.raw, str(e)))
             return context.failure(mail, str(e))
         return Outcome("deliver", tagged)
 

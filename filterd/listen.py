@@ -175,6 +175,12 @@ async def serve(
             name,
             ", ".join(exposed),
         )
+        if all(network.is_loopback for network in listening.allowed_clients):
+            log.warning(
+                "source=%s allowed_clients admits loopback only: remote clients will be "
+                "refused until it lists their networks",
+                name,
+            )
     return server
 
 

@@ -382,7 +382,8 @@ class MilterSource(Source):
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        peer = writer.get_extra_info("peername") or "unix"
+        peer = writer.get_extra_info("peername")
+        peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         if len(self.sessions) >= self.options.max_connections:
             log.warning("source=milter peer=%s refused: max_connections reached", peer)
             writer.close()

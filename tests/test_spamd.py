@@ -563,6 +563,20 @@ def test_a_privileged_port_names_the_option(monkeypatch):
     )
 
 
+def test_connect_passes_a_message_over_the_daemons_cap_unscored_even_under_tempfail(
+    served, tmp_path, monkeypatch, capsysbinary
+):
+    """A retry cannot make it smaller: tempfail there would bounce it days later."""
+    spam = served["spam"]
+    config = tmp_path / "client.yaml"
+    config.write_text(json.dumps(dict(spam.settings, scoring={"failure_policy": "tempfail"})))
+    big = MSG + b"x" * 70000 + b"\r\n"  # the daemon takes 65536 bytes at most
+    argv = ["--connect", f"127.0.0.1:{spam.at[2]}", "--config", config]  # the short limits
+    code, out, err = score_tag(monkeypatch, capsysbinary, argv, big)
+    assert code == 0 and out.endswith(big.split(b"\r\n\r\n", 1)[1]), err
+    assert b"X-Spam-Status: Unscored, reason=" in out and "not scored" in err
+
+
 def test_sigterm_stops_the_daemons_and_removes_the_socket(served):
     spam = served["spam"]
     assert spam.daemon.stop() == 0 and served["ham"].daemon.stop() == 0
