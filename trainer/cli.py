@@ -7,10 +7,14 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from filterd.trainer.distributed import Group
 
 from filterd import __version__
 from filterd.trainer.data import DataError, Example, prepare, read_mail, read_sms, read_spamassassin
@@ -137,13 +141,33 @@ def read_examples(args: argparse.Namespace) -> list[Example]:
 def run_training(args: argparse.Namespace) -> int:
     import torch
 
+    from filterd.trainer.distributed import Group
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    group = Group.from_env(device)
+    # Under torchrun, rank 0 speaks for all: progress, the metrics table, the checkpoint.
+    err.quiet = out.quiet = not group.main
+    try:
+        result = train_and_save(args, group.device(device), group)
+    except BaseException:
+        group.close(wait=False)  # the other ranks fail on their next exchange with this one
+        raise
+    group.close()
+    return result
+
+
+def train_and_save(args: argparse.Namespace, device: str, group: Group) -> int:
+    import torch
+
     from filterd.model.checkpoint import CheckpointMeta, save_checkpoint
+    from filterd.store.durable import replace_durably
     from filterd.trainer.data import write_split
     from filterd.trainer.metrics import binary_metrics, choose_threshold
     from filterd.trainer.train import (
         Batcher,
         Settings,
-        predict,
+        predict_shared,
         set_trainable,
         train,
         train_sample,
@@ -161,8 +185,6 @@ def run_training(args: argparse.Namespace) -> int:
     data = prepare(examples, seed=args.seed, balance=args.balance == "undersample")
     err.print(f"read {len(examples)} messages: {json.dumps(data.counts)}", highlight=False)
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = "cpu" if device == "auto" else device
     torch.manual_seed(args.seed)
     model, arch, base_meta, fam, tokenizer = initial_model(args.init, args.arch, args.dropout)
     model.to(device)
@@ -180,16 +202,25 @@ def run_training(args: argparse.Namespace) -> int:
         patience=args.patience or None,
         class_weights=class_weights(data.train) if args.balance == "weight" else None,
         # On a GPU: bfloat16 forward passes, float32 master weights (README, GPU).
-        autocast=torch.bfloat16 if device == "cuda" else None,
+        autocast=torch.bfloat16 if device.startswith("cuda") else None,
     )
+    # Each rank tokenizes and runs the frozen blocks over its own messages only.
+    owned = {
+        "train": group.train_shard(len(data.train)),
+        "val": group.mine(range(len(data.val))),
+        "test": group.mine(range(len(data.test))),
+    }
     split_tokens = {
-        name: [tokenizer.encode(e.text, max_tokens) for e in ex] for name, ex in data.splits()
+        name: {i: tokenizer.encode(ex[i].text, max_tokens) for i in owned[name]}
+        for name, ex in data.splits()
     }
     split_labels = {name: [e.y for e in ex] for name, ex in data.splits()}
-    steps = settings.epochs * -(-len(data.train) // settings.batch_size)
+    steps = settings.epochs * -(-len(owned["train"]) // settings.batch_size)
+    ranks = f" x {group.world} ranks" if group.world > 1 else ""
     err.print(
-        f"training {arch} from {args.init} on {device}: {settings.epochs} epochs, "
-        f"{steps} steps, lr {settings.lr}, trainable {args.trainable or defaults['trainable']}",
+        f"training {arch} from {args.init} on {device}{ranks}: {settings.epochs} epochs, "
+        f"{steps} steps of {settings.batch_size}{ranks}, lr {settings.lr}, "
+        f"trainable {args.trainable or defaults['trainable']}",
         highlight=False,
     )
     # The frozen blocks' output for each message, computed once: for every epoch and again
@@ -197,7 +228,15 @@ def run_training(args: argparse.Namespace) -> int:
     first = set_trainable(model, settings.trainable)
     cache = settings.cache_frozen and model.config.dropout == 0
     batchers = {
-        name: Batcher(model, split_tokens[name], first, cache, tokenizer.pad_id, settings.autocast)
+        name: Batcher(
+            model,
+            split_tokens[name],
+            first,
+            cache,
+            tokenizer.pad_id,
+            settings.autocast,
+            owned[name],
+        )
         for name in ("train", "val", "test")
     }
     with Progress(
@@ -207,6 +246,7 @@ def run_training(args: argparse.Namespace) -> int:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err,
+        disable=not group.main,
     ) as progress:
         task = progress.add_task("train", total=steps, epoch=1, loss=float("nan"))
         history = train(
@@ -227,13 +267,17 @@ def run_training(args: argparse.Namespace) -> int:
             ),
             pad_id=tokenizer.pad_id,
             batchers=(batchers["train"], batchers["val"]),
+            group=group,
         )
     train_seconds = time.monotonic() - started
     # Train figures on a fixed sample: scoring all of it took 90 s of a 20-minute run.
     sample = train_sample(len(data.train), settings)
     split_labels["train"] = [split_labels["train"][i] for i in sample]
-    probs = {"train": predict(model, batchers["train"], sample)}
-    probs |= {name: predict(model, batchers[name]) for name in ("val", "test")}
+    probs = {"train": predict_shared(model, batchers["train"], sample, group)}
+    probs |= {
+        name: predict_shared(model, batchers[name], range(len(split_labels[name])), group)
+        for name in ("val", "test")
+    }
     threshold = choose_threshold(probs["val"], split_labels["val"], args.max_fpr)
     metrics = {
         name: binary_metrics(probs[name], split_labels[name], threshold)
@@ -262,12 +306,15 @@ def run_training(args: argparse.Namespace) -> int:
             "class_weights": settings.class_weights,
             "patience": settings.patience,
             "device": device,
+            "ranks": group.world,  # batch_size is per rank
             "autocast": str(settings.autocast).removeprefix("torch.")
             if settings.autocast
             else None,
         },
         "history": history.__dict__ | {"step_losses": history.step_losses[-50:]},
     }
+    if not group.main:
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     write_split(data, args.out / "split.jsonl")
     meta = CheckpointMeta(
@@ -280,8 +327,9 @@ def run_training(args: argparse.Namespace) -> int:
         data_fingerprint=data.fingerprint(),
         metrics={k: report[k] for k in ("train", "val", "test", "counts")},
     )
+    replace_durably(args.out / "metrics.json", (json.dumps(report, indent=2) + "\n").encode())
+    # The checkpoint last, whole or not at all: a run killed before it leaves none.
     path = save_checkpoint(args.out, model.cpu(), meta, tokenizer)
-    (args.out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
         from filterd.trainer.plot import write_plots
 

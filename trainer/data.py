@@ -17,6 +17,7 @@ from pathlib import Path
 
 from filterd.download import fetch
 from filterd.mailfiles import MailFileError, looks_like_mbox, raw_messages, read
+from filterd.store.durable import replace_durably
 from filterd.text import TextLimits, message_text, normalize_text
 
 LABELS = ("ham", "spam")
@@ -257,10 +258,12 @@ def prepare(examples: list[Example], seed: int, balance: bool = True) -> Prepare
 
 
 def write_split(prepared: Prepared, path: Path) -> None:
-    with open(path, "w", encoding="utf-8") as out:
-        for name, examples in prepared.splits():
-            for e in examples:
-                out.write(json.dumps({"id": e.id, "label": e.label, "split": name}) + "\n")
+    rows = (
+        json.dumps({"id": e.id, "label": e.label, "split": name}) + "\n"
+        for name, examples in prepared.splits()
+        for e in examples
+    )
+    replace_durably(path, "".join(rows).encode())
 
 
 def _sha256(data: bytes) -> str:

@@ -9,7 +9,7 @@ batch, so short messages never pay for long ones.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +17,11 @@ import torch.nn.functional as F
 
 from filterd.model.batching import batch_tokens, length_batches, pad_batch
 from filterd.model.family import Backbone
+from filterd.trainer.distributed import Group
+
+# Token lists by message index: a list, or (on one of several ranks) a mapping that holds
+# only the messages this rank works on.
+Tokens = Sequence[list[int]] | Mapping[int, list[int]]
 
 
 @dataclass
@@ -77,19 +82,22 @@ class Batcher:
 
     Frozen blocks run once per message, for all of them at the first call (in batches of
     up to 64 similar lengths, cheaper than the training batches), then cached; with caching
-    off they run every time, which is what the tests compare against.
+    off they run every time, which is what the tests compare against. `indices` are the
+    messages this process works on (one rank's shard; default all of `tokens`).
     """
 
     def __init__(
         self,
         model: Backbone,
-        tokens: Sequence[list[int]],
+        tokens: Tokens,
         first: int,
         cache: bool,
         pad_id: int,
         autocast: torch.dtype | None = None,
+        indices: Sequence[int] | None = None,
     ):
         self.model, self.tokens, self.first, self.pad_id = model, tokens, first, pad_id
+        self.indices = list(range(len(tokens)) if indices is None else dict.fromkeys(indices))
         self.cache: dict[int, torch.Tensor] | None = {} if cache and first > 0 else None
         self.device = next(model.parameters()).device
         self.autocast = autocast
@@ -106,7 +114,7 @@ class Batcher:
                 x = self.model.run_blocks(self.model.embed(ids), lengths, 0, self.first)
             return x, lengths
         if not self.cache:
-            self._fill(list(range(len(self.tokens))))
+            self._fill(self.indices)
         rows = [self.cache[i] for i in batch]
         lengths = torch.tensor([len(r) for r in rows], device=self.device)
         x = torch.zeros(len(rows), int(lengths.max()), rows[0].shape[-1], device=self.device)
@@ -154,10 +162,10 @@ def train_sample(n: int, settings: Settings) -> list[int]:
 
 @torch.no_grad()
 def predict(model: Backbone, batcher: Batcher, indices: Sequence[int] | None = None) -> list[float]:
-    """Spam probability of every message the batcher holds, or of those at `indices`."""
+    """Spam probability of every message the batcher works on, or of those at `indices`."""
     was_training = model.training
     model.eval()
-    indices = range(len(batcher.tokens)) if indices is None else indices
+    indices = batcher.indices if indices is None else indices
     lengths = [len(batcher.tokens[i]) for i in indices]
     probs = [0.0] * len(lengths)
     for batch in length_batches(lengths, batch_tokens(batcher.device), 64):
@@ -167,6 +175,27 @@ def predict(model: Backbone, batcher: Batcher, indices: Sequence[int] | None = N
             probs[j] = value
     model.train(was_training)
     return probs
+
+
+def predict_shared(
+    model: Backbone, batcher: Batcher, indices: Sequence[int], group: Group
+) -> list[float]:
+    """`predict` of `indices` with the work shared by the ranks: each scores its own."""
+    mine = group.mine(indices)
+    scores = group.gather(mine, predict(model, batcher, mine))
+    return [scores[i] for i in indices]
+
+
+class TrainStep(torch.nn.Module):
+    """A training batch's forward pass as a module's, the shape DistributedDataParallel
+    wraps: it averages the gradients of the trainable parameters over the ranks."""
+
+    def __init__(self, model: Backbone, batcher: Batcher):
+        super().__init__()
+        self.model, self.batcher = model, batcher
+
+    def forward(self, batch: list[int]) -> torch.Tensor:
+        return logits(self.model, self.batcher, batch)
 
 
 def _mean_loss(probs: Sequence[float], labels: Sequence[int]) -> float:
@@ -181,9 +210,9 @@ def _accuracy(probs: Sequence[float], labels: Sequence[int]) -> float:
 
 def train(
     model: Backbone,
-    train_tokens: Sequence[list[int]],
+    train_tokens: Tokens,
     train_labels: Sequence[int],
-    val_tokens: Sequence[list[int]],
+    val_tokens: Tokens,
     val_labels: Sequence[int],
     settings: Settings,
     on_step: Callable[[int, int, float], None] | None = None,
@@ -192,15 +221,19 @@ def train(
     *,
     pad_id: int,
     batchers: tuple[Batcher, Batcher] | None = None,
+    group: Group | None = None,
 ) -> History:
     """AdamW over the trainable parameters; returns per-epoch and per-step losses.
 
     `on_step(epoch, step, loss)` and `on_epoch(epoch, history)` let a caller show
     progress; `max_steps` stops early (for tests that compare a few steps). `pad_id` is the
     tokenizer's padding token. `batchers` (train, val) lets the caller keep what the frozen
-    blocks computed, to score the splits afterwards without running them again.
+    blocks computed, to score the splits afterwards without running them again. With a
+    `group` of several ranks, each trains on its shard, `batch_size` messages per rank and
+    step, and the validation figures are the whole split's.
     """
-    torch.manual_seed(settings.seed)
+    group = group or Group()
+    torch.manual_seed(settings.seed + group.rank)  # dropout differs between ranks
     rng = random.Random(settings.seed)
     first = set_trainable(model, settings.trainable)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -209,23 +242,32 @@ def train(
     optimizer = torch.optim.AdamW(
         params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True
     )
+    shard = group.train_shard(len(train_labels))
+    cache, amp = settings.cache_frozen, settings.autocast
+    val_mine = group.mine(range(len(val_labels)))
     train_batcher, val_batcher = batchers or (
-        Batcher(model, train_tokens, first, settings.cache_frozen, pad_id, settings.autocast),
-        Batcher(model, val_tokens, first, settings.cache_frozen, pad_id, settings.autocast),
+        Batcher(model, train_tokens, first, cache, pad_id, amp, shard),
+        Batcher(model, val_tokens, first, cache, pad_id, amp, val_mine),
     )
+    step_module: torch.nn.Module = TrainStep(model, train_batcher)
+    if group.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_module = DistributedDataParallel(step_module)
     targets = torch.tensor(train_labels, device=train_batcher.device)
     weight = None
     if settings.class_weights is not None:
         weight = torch.tensor(settings.class_weights, device=train_batcher.device)
     history = History()
-    lengths = [len(t) for t in train_tokens]
-    sample = train_sample(len(train_tokens), settings)
+    lengths = [len(train_tokens[i]) for i in shard]
+    sample = train_sample(len(train_labels), settings)
     step = 0
     best: dict[str, torch.Tensor] | None = None
     for epoch in range(settings.epochs):
-        model.train()
-        for batch in train_batches(lengths, settings.batch_size, rng):
-            out = logits(model, train_batcher, batch)
+        step_module.train()
+        for positions in train_batches(lengths, settings.batch_size, rng):
+            batch = [shard[p] for p in positions]
+            out = step_module(batch)
             loss = F.cross_entropy(out, targets[batch], weight=weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -238,8 +280,8 @@ def train(
                 return history
         if not settings.evaluate_epochs:
             continue
-        train_probs = predict(model, train_batcher, sample)
-        val_probs = predict(model, val_batcher)
+        train_probs = predict_shared(model, train_batcher, sample, group)
+        val_probs = predict_shared(model, val_batcher, range(len(val_labels)), group)
         sample_labels = [train_labels[i] for i in sample]
         history.train_loss.append(_mean_loss(train_probs, sample_labels))
         history.val_loss.append(_mean_loss(val_probs, val_labels))
