@@ -420,8 +420,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     """Labels into the feedback store, as `sa-learn --spam/--ham/--forget` (README "Learning
     from corrections"); the summary on stderr, `--stats` on stdout."""
     from filterd.learn_socket import HandoffError
-    from filterd.learning import open_store
-    from filterd.store.feedback import FeedbackError
+    from filterd.learning import open_store, stores
+    from filterd.store.feedback import FeedbackError, newest, stats
 
     try:
         config = _config(args)
@@ -429,14 +429,16 @@ def cmd_learn(args: argparse.Namespace) -> int:
         _err(str(e))
         return EX_CONFIG
     store = open_store(config)
-    if args.stats:
-        stats = store.stats()
+    if args.stats:  # a fleet's stores merged, as a retrain reads them
+        read = stores(config)
+        counts = stats(record for _, record in newest(read))
         if args.json:
-            print(json.dumps(stats))
+            print(json.dumps(counts))
         else:
-            print(f"{stats['total']} labelled messages in {store.root}")
+            where = ", ".join(str(s.root) for s in read)
+            print(f"{counts['total']} labelled messages in {where}")
             for title in ("by_label", "by_source"):
-                for key, n in sorted(stats[title].items()):
+                for key, n in sorted(counts[title].items()):
                     print(f"{n:8d}  {key}")
         return 0
     label = "spam" if args.spam else "ham"
@@ -630,7 +632,9 @@ def parser() -> argparse.ArgumentParser:
     label.add_argument("--spam", action="store_true", help="these are spam")
     label.add_argument("--ham", action="store_true", help="these are ham")
     label.add_argument("--forget", action="store_true", help="remove their labels")
-    label.add_argument("--stats", action="store_true", help="counts per label and source")
+    label.add_argument(
+        "--stats", action="store_true", help="counts per label and source (a fleet's stores merged)"
+    )
     learn.add_argument(
         "--replay",
         action="store_true",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -138,7 +139,10 @@ class Retrain(_Section):
 class Learning(_Section):
     """The feedback store and retraining from it (README "Learning from corrections")."""
 
-    store: Path | None = None  # None: <state dir>/feedback
+    store: Path | None = None  # None: <fleet_store>/<host name>, else <state dir>/feedback
+    # Several hosts: a folder whose subfolders are each host's store. Retrains and `learn
+    # --stats` read them all, merged (newest label wins); this host writes only its own.
+    fleet_store: Path | None = None
     max_messages: int = Field(20000, ge=1)  # the oldest labels beyond this are dropped
     retention_days: float = Field(365.0, gt=0)
     # Retraining: epochs over feedback + replay; the replay sample's size.
@@ -160,8 +164,27 @@ class Learning(_Section):
     socket_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")
     retrain: Retrain = Retrain()
 
+    @model_validator(mode="after")
+    def _own_store_in_the_fleet(self) -> Learning:
+        """The fleet's subfolders are read as stores: this host's store must be one of them
+        (or lie outside), not the fleet folder itself or a folder above it."""
+        if self.fleet_store is not None:
+            fleet, own = self.fleet_store.expanduser(), self.store_path()
+            if own == fleet or own in fleet.parents:
+                raise ValueError(
+                    f"learning.store ({own}) is learning.fleet_store ({fleet}) or a folder "
+                    "above it, whose subfolders are read as stores: give this host its own "
+                    "subfolder, or leave store unset for <fleet_store>/<host name>"
+                )
+        return self
+
     def store_path(self) -> Path:
-        return (self.store or state_dir() / "feedback").expanduser()
+        """This host's store: the one it writes, prunes and locks for a retrain."""
+        if self.store is not None:
+            return self.store.expanduser()
+        if self.fleet_store is not None:
+            return self.fleet_store.expanduser() / socket.gethostname()
+        return state_dir() / "feedback"
 
 
 class Metrics(_Section, TcpListening):

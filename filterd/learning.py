@@ -1,7 +1,7 @@
 """Labels in: every way a person tells filterd "this is spam" or "this is ham" (`filterd
-learn`, `filterd quarantine release`, scripts through `filterd.learn`) records into the one
-feedback store, with what filterd had said about the message when its marker vouches for
-it."""
+learn`, `filterd quarantine release`, scripts through `filterd.learn`) records into this
+host's feedback store, with what filterd had said about the message when its marker vouches
+for it. `stores` adds, for reading, the stores of the other hosts of a fleet."""
 
 from __future__ import annotations
 
@@ -13,8 +13,25 @@ from filterd.text import message_text
 
 
 def open_store(config: Config) -> FeedbackStore:
+    """This host's store: the one labels go into."""
     learning = config.learning
     return FeedbackStore(learning.store_path(), learning.max_messages, learning.retention_days)
+
+
+def stores(config: Config) -> list[FeedbackStore]:
+    """This host's store, then each other one under learning.fleet_store: its subfolders,
+    but hidden ones (an NFS server's .snapshot, a sync tool's temporary folder). The others
+    are read here, never written or pruned: each belongs to the host that writes it."""
+    own = open_store(config)
+    fleet = config.learning.fleet_store
+    if fleet is None or not fleet.expanduser().is_dir():
+        return [own]
+    others = sorted(
+        p
+        for p in fleet.expanduser().iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.resolve() != own.root.resolve()
+    )
+    return [own, *map(FeedbackStore, others)]
 
 
 def _verdict(raw: bytes, config: Config) -> dict | None:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from filterd.config import Config
+from filterd.learning import stores
 
 log = logging.getLogger("filterd")
 
@@ -22,18 +23,19 @@ CHECK_SECONDS = 5.0  # how often the store is looked at (a directory listing)
 
 
 def new_labels(labels_dir: Path, since: float) -> int:
-    """Label files written after `since` (a replaced label counts again: it is news)."""
+    """Label files that arrived after `since` (a replaced label counts again: it is news).
+    By the inode's change time: a copy from another host (rsync -a) keeps its older mtime."""
     try:
         with os.scandir(labels_dir) as it:
-            return sum(1 for e in it if e.name.endswith(".json") and e.stat().st_mtime > since)
+            return sum(1 for e in it if e.name.endswith(".json") and e.stat().st_ctime > since)
     except FileNotFoundError:
         return 0
 
 
 class Retrainer:
     def __init__(self, config: Config, checkpoint: Path, config_path: Path | None, reload):
+        self.config = config
         self.schedule = config.learning.retrain
-        self.labels = config.learning.store_path() / "labels"
         self.checkpoint = checkpoint
         self.config_path = config_path
         self.reload = reload  # the daemon's Reloader.reload: the new model, at once
@@ -45,8 +47,9 @@ class Retrainer:
         return bool(self.schedule.after_labels or self.schedule.every_hours)
 
     def due(self, now: float) -> str | None:
-        """Why a retrain is due now, or None."""
-        fresh = new_labels(self.labels, self.last)
+        """Why a retrain is due now, or None. New labels count in every store a retrain
+        reads (learning.fleet_store), not only this host's."""
+        fresh = sum(new_labels(s.root / "labels", self.last) for s in stores(self.config))
         after, hours = self.schedule.after_labels, self.schedule.every_hours
         if after and fresh >= after:
             return f"{fresh} new labels"

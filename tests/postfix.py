@@ -58,6 +58,10 @@ filterd   unix  -       -       n       -       10      smtp
   -o smtpd_recipient_restrictions=permit_mynetworks,reject
   -o mynetworks=127.0.0.0/8
 """
+# Two filterd instances (README "A fleet of daemons"): Postfix tries the next hops in order.
+FLEET_MAIN_CF = """\
+content_filter = filterd:[127.0.0.1]:{proxy_port}, [127.0.0.1]:{second_port}
+"""
 BEFORE_QUEUE_MAIN_CF = """\
 # Postfix's wait for each of filterd's answers (default 100s).
 smtpd_proxy_timeout = 100s

@@ -23,7 +23,7 @@ from filterd.headers import Tagger
 from filterd.learning import learn, open_store
 from filterd.model.checkpoint import checkpoint_path
 from filterd.store import durable
-from filterd.store.feedback import FeedbackError, FeedbackStore, text_key
+from filterd.store.feedback import FeedbackError, FeedbackStore, stats, text_key
 from filterd.store.quarantine import Store
 from filterd.verdict import Verdict
 from tests.conftest import SPAMASSASSIN
@@ -465,7 +465,7 @@ def test_a_damaged_label_is_skipped_and_named_not_a_crash(tmp_path):
     problems: list[str] = []
     assert [r.label for r in store.records(problems)] == ["ham"]
     assert "damaged label" in problems[0] and damaged.name in problems[0]
-    assert store.stats()["total"] == 1
+    assert stats(store.records())["total"] == 1
     store.prune()  # no crash either
 
 

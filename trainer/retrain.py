@@ -28,10 +28,11 @@ import time
 from pathlib import Path
 
 from filterd.config import Config, ConfigError, load_config
-from filterd.learning import open_store
+from filterd.learning import stores
 from filterd.model.checkpoint import CheckpointMeta, checkpoint_path, save_checkpoint
 from filterd.model.history import METRICS, file_sha256, keep
 from filterd.store.durable import replace_durably
+from filterd.store.feedback import newest
 from filterd.text import message_text
 from filterd.trainer.data import LABELS, DataError, Example, read_split
 
@@ -83,19 +84,28 @@ def _holdout_rank(key: str) -> str:
 
 def gather(config: Config, checkpoint: Path, replay: bool) -> dict[str, list[Example]]:
     """Examples for training (feedback + replay), the gate (held-out feedback, original
-    test) and the threshold (original val)."""
-    store = open_store(config)
+    test) and the threshold (original val). The feedback is every store of the fleet
+    (learning.fleet_store) merged, each message's newest label winning."""
+    found = stores(config)
     limits = config.limits.text_limits()
     feedback, stored_replay = [], []
-    for record in store.records():
-        text = message_text(store.read(record), limits)
-        example = Example(f"feedback:{record.key}", record.label, text)
+    missing = 0
+    for store, record in newest(found):
+        try:
+            raw = store.read(record)
+        except FileNotFoundError:  # another host's store, caught mid-write: next time
+            missing += 1
+            continue
+        example = Example(f"feedback:{record.key}", record.label, message_text(raw, limits))
         (feedback if record.kind == "feedback" else stored_replay).append((record.key, example))
+    if missing:
+        _log(f"skipped {missing} label(s) whose message is not in its store (yet)")
     learning = config.learning
     need = learning.holdout_min + 1
     if len(feedback) < need:
+        where = ", ".join(str(s.root) for s in found)
         raise RetrainError(
-            f"{len(feedback)} labelled messages in {store.root}: a retrain needs at least "
+            f"{len(feedback)} labelled messages in {where}: a retrain needs at least "
             f"{need} ({learning.holdout_min} held out for the gate, the rest to learn from)"
         )
     feedback.sort(key=lambda pair: _holdout_rank(pair[0]))

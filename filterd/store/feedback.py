@@ -13,6 +13,11 @@ file is replaced atomically after it, so a crash leaves at worst a message file 
 names (removed by the next prune), never a label without its message; an older message
 file is removed only after the label naming its successor is on disk.
 
+In a fleet each host writes a store of its own and never another's; `newest` reads several
+as one. Another host's store, read while its owner writes it or while a copy of it
+arrives (rsync sends labels/ before messages/), may name a message that is not there yet
+or no longer: readers skip that entry until the next look.
+
 Entries of kind "replay" are examples of what the model should keep knowing (`filterd
 learn --replay`), not corrections: they are trained on but never held out or counted as
 feedback.
@@ -27,6 +32,7 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -178,15 +184,6 @@ class FeedbackStore:
     def read(self, record: Record) -> bytes:
         return (self._messages / record.message).read_bytes()
 
-    def stats(self) -> dict:
-        """Counts per kind and label, and per source and label."""
-        records = self.records()
-        return {
-            "total": len(records),
-            "by_label": dict(Counter(f"{r.kind} {r.label}" for r in records)),
-            "by_source": dict(Counter(f"{r.source} {r.label}" for r in records)),
-        }
-
     def prune(self, now: float | None = None) -> list[str]:
         """Apply the retention rule: labels older than retention_days go, then the oldest
         beyond max_messages; then message files no label names (crash debris). The keys
@@ -209,3 +206,28 @@ class FeedbackStore:
                 if path.name not in named and path.lstat().st_mtime < now - _ORPHAN_AGE:
                     path.unlink(missing_ok=True)
         return [r.key for r in doomed]
+
+
+def newest(
+    stores: Iterable[FeedbackStore], problems: list[str] | None = None
+) -> list[tuple[FeedbackStore, Record]]:
+    """Several stores (one per host) read as one: each key's newest label with the store
+    that holds it, oldest first. A tie in time goes to the greater host name, then the
+    greater store path, so the result does not depend on the order of `stores`."""
+    best: dict[str, tuple[tuple[float, str, str], FeedbackStore, Record]] = {}
+    for store in stores:
+        for record in store.records(problems):
+            rank = (record.timestamp, record.host, str(store.root))
+            if record.key not in best or rank > best[record.key][0]:
+                best[record.key] = (rank, store, record)
+    return sorted(((s, r) for _, s, r in best.values()), key=lambda p: (p[1].timestamp, p[1].key))
+
+
+def stats(records: Iterable[Record]) -> dict:
+    """Counts per kind and label, and per source and label."""
+    records = list(records)
+    return {
+        "total": len(records),
+        "by_label": dict(Counter(f"{r.kind} {r.label}" for r in records)),
+        "by_source": dict(Counter(f"{r.source} {r.label}" for r in records)),
+    }
