@@ -2,16 +2,23 @@
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 import filterd
+from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier
+from filterd.model.tokenizer import ENDOFTEXT, gpt2_tokenizer
 from filterd.trainer.distributed import Group
+from filterd.trainer.train import Batcher, Settings, logits, set_trainable, train, train_batches
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
 TRAIN = [sys.executable, "-m", "filterd.trainer.cli"]
@@ -28,6 +35,61 @@ def test_every_rank_takes_the_same_number_of_messages_and_all_are_used():
         assert all(i % world == rank for rank, s in enumerate(shards) for i in s)
     with pytest.raises(ValueError, match="3 training messages cannot be shared by 4 ranks"):
         Group(3, 4).train_shard(3)
+
+
+def _model() -> GPT2Classifier:
+    torch.manual_seed(0)
+    return GPT2Classifier(ARCHITECTURES["gpt2-tiny"])  # dropout 0: no randomness per rank
+
+
+SETTINGS = Settings(epochs=1, batch_size=4, lr=1e-2, trainable=None, evaluate_epochs=False)
+
+
+def _one_ddp_step(rank: int, port: int, tokens, labels, out: str) -> None:
+    os.environ.update(
+        {"WORLD_SIZE": "2", "RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )
+    torch.set_num_threads(1)
+    group = Group.from_env("cpu")
+    model = _model()
+    train(model, tokens, labels, [], [], SETTINGS, max_steps=1, pad_id=ENDOFTEXT, group=group)
+    if group.main:
+        torch.save(model.state_dict(), out)
+    group.close()
+
+
+def test_a_step_on_two_ranks_is_a_step_on_both_their_batches_in_one_process(sms_lines, tmp_path):
+    """DDP averages the ranks' gradients: one step of two ranks of 4 gives the weights one
+    process gets from the mean loss of the same 8 messages."""
+    tokens = [gpt2_tokenizer().encode(t, 48) for _, t in sms_lines[:40]]
+    labels = [int(label == "spam") for label, _ in sms_lines[:40]]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank0.pt"
+    torch.multiprocessing.spawn(_one_ddp_step, (port, tokens, labels, str(out)), nprocs=2)
+    ranked = torch.load(out)
+
+    model = _model()
+    set_trainable(model, None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=SETTINGS.lr, weight_decay=0.1, fused=True)
+    batcher = Batcher(model, tokens, 0, False, ENDOFTEXT)
+    loss = 0
+    for rank in (0, 1):
+        shard = Group(rank, 2).train_shard(len(labels))
+        lengths = [len(tokens[i]) for i in shard]
+        first = train_batches(lengths, SETTINGS.batch_size, random.Random(SETTINGS.seed))[0]
+        batch = [shard[p] for p in first]
+        loss = (
+            loss + F.cross_entropy(logits(model, batcher, batch), torch.tensor(labels)[batch]) / 2
+        )
+    loss.backward()
+    optimizer.step()
+    moved = 0
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value, ranked[name], atol=1e-6), name
+        moved += not torch.equal(value, _model().state_dict()[name])
+    assert moved > 10  # the step changed the weights: the comparison is not of two inits
 
 
 @pytest.fixture(scope="module")
