@@ -32,9 +32,10 @@ import torch
 from score_bench import CORPUS, corpus_sample
 
 from filterd.builtin.smtp_proxy import NextHop
+from filterd.model.bert import load_pretrained_bert
 from filterd.model.checkpoint import CheckpointMeta, save_checkpoint
 from filterd.model.classifier import load_classifier
-from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier
+from filterd.model.registry import architecture, family
 
 _ID = re.compile(rb"^X-Bench-Id: (\d+)\r$", re.MULTILINE)
 
@@ -87,10 +88,19 @@ class Sink(asyncio.Protocol):
 
 
 def write_checkpoint(arch: str, folder: Path) -> Path:
+    """`minilm-l6`: the installed pretrained encoder (with a fresh head); other
+    architectures: random weights (speed does not depend on their values)."""
     torch.manual_seed(0)
-    model = GPT2Classifier(ARCHITECTURES[arch]).eval()
-    meta = CheckpointMeta(arch=arch, config=model.config.to_dict(), max_tokens=256)
-    return save_checkpoint(folder, model, meta)
+    if arch == "minilm-l6":
+        model, tokenizer = load_pretrained_bert(arch)
+        fam = family("bert")
+    else:
+        fam, config = architecture(arch)
+        model, tokenizer = fam.build(config), fam.tokenizer({})
+    meta = CheckpointMeta(
+        arch=arch, config={}, family=fam.name, tokenizer=tokenizer.name, max_tokens=256
+    )
+    return save_checkpoint(folder, model.eval(), meta, tokenizer)
 
 
 async def start_daemon(checkpoint: Path, sink_port: int, senders: int, folder: Path, child: bool):

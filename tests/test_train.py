@@ -150,6 +150,11 @@ def test_retraining_from_a_checkpoint(tmp_path, sms_slice):
         ),
         (["--sms", str(SMS_FILE), "--init", "/no/such/weights", "--out", "x"], "neither a file"),
         (["--sms", str(SMS_FILE), "--out", "x", "--patience", "-1"], "--patience -1"),
+        pytest.param(
+            ["--sms", str(SMS_FILE), "--out", "x", "--device", "cuda"],
+            "sees no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),
+        ),
     ],
 )
 def test_cli_errors_are_clear(argv, message, capsys, tmp_path, monkeypatch):

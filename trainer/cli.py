@@ -145,6 +145,11 @@ def run_training(args: argparse.Namespace) -> int:
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DataError(
+            f"--device cuda: torch {torch.__version__} sees no CUDA GPU (a CPU-only build, or "
+            "no driver); use --device cpu or auto"
+        )
     group = Group.from_env(device)
     # Under torchrun, rank 0 speaks for all: progress, the metrics table, the checkpoint.
     err.quiet = out.quiet = not group.main

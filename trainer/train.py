@@ -253,7 +253,7 @@ def train(
     if group.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        step_module = DistributedDataParallel(step_module)
+        step_module = DistributedDataParallel(step_module, gradient_as_bucket_view=True)
     targets = torch.tensor(train_labels, device=train_batcher.device)
     weight = None
     if settings.class_weights is not None:
