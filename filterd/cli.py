@@ -430,8 +430,11 @@ def cmd_learn(args: argparse.Namespace) -> int:
         return EX_CONFIG
     store = open_store(config)
     if args.stats:  # a fleet's stores merged, as a retrain reads them
-        read = stores(config)
-        counts = stats(record for _, record in newest(read))
+        problems: list[str] = []
+        read = stores(config, problems)
+        counts = stats(record for _, record in newest(read, problems))
+        for problem in problems:
+            _err(problem)
         if args.json:
             print(json.dumps(counts))
         else:

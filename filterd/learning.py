@@ -5,10 +5,12 @@ for it. `stores` adds, for reading, the stores of the other hosts of a fleet."""
 
 from __future__ import annotations
 
+import os
+
 from filterd.config import Config, load_config
 from filterd.headers import SecretError, Tagger, load_secret
 from filterd.mail import Mail
-from filterd.store.feedback import FeedbackError, FeedbackStore, Record
+from filterd.store.feedback import FeedbackError, FeedbackStore, Record, text_key
 from filterd.text import message_text
 
 
@@ -18,20 +20,38 @@ def open_store(config: Config) -> FeedbackStore:
     return FeedbackStore(learning.store_path(), learning.max_messages, learning.retention_days)
 
 
-def stores(config: Config) -> list[FeedbackStore]:
+def stores(config: Config, problems: list[str] | None = None) -> list[FeedbackStore]:
     """This host's store, then each other one under learning.fleet_store: its subfolders,
-    but hidden ones (an NFS server's .snapshot, a sync tool's temporary folder). The others
-    are read here, never written or pruned: each belongs to the host that writes it."""
+    but hidden ones (an NFS server's .snapshot, a sync tool's temporary folder) and those
+    without a readable labels/ folder (lost+found, a store copied in as another user: said
+    in `problems`). The others are read here, never written or pruned: each belongs to the
+    host that writes it."""
     own = open_store(config)
     fleet = config.learning.fleet_store
     if fleet is None or not fleet.expanduser().is_dir():
         return [own]
-    others = sorted(
-        p
-        for p in fleet.expanduser().iterdir()
-        if p.is_dir() and not p.name.startswith(".") and p.resolve() != own.root.resolve()
-    )
-    return [own, *map(FeedbackStore, others)]
+    found = [own]
+    try:
+        folders = sorted(fleet.expanduser().iterdir())
+    except OSError as e:
+        if problems is not None:
+            problems.append(f"{fleet}: cannot read ({e.strerror or e}): no other host's store read")
+        return found
+    for folder in folders:
+        if folder.name.startswith(".") or not folder.is_dir():
+            continue
+        if folder.resolve() == own.root.resolve():
+            continue
+        try:
+            os.scandir(folder / "labels").close()
+        except FileNotFoundError:  # not a store, or one with no label yet
+            continue
+        except OSError as e:
+            if problems is not None:
+                problems.append(f"{folder}: cannot read ({e.strerror or e}): not read as a store")
+            continue
+        found.append(FeedbackStore(folder))
+    return found
 
 
 def _verdict(raw: bytes, config: Config) -> dict | None:
@@ -89,6 +109,17 @@ def learn(
 
 
 def forget(raw: bytes, config: Config | None = None) -> Record:
-    """Remove a message's label; FeedbackError if the store holds none for it."""
+    """Remove a message's label from this host's store; FeedbackError if it holds none
+    (naming the other hosts' stores that do: only their own host forgets there)."""
     config = config or load_config()
-    return open_store(config).forget(_text(raw, config))
+    text = _text(raw, config)
+    try:
+        return open_store(config).forget(text)
+    except FeedbackError as e:
+        elsewhere = [str(s.root) for s in stores(config)[1:] if s.get(text_key(text))]
+        if not elsewhere:
+            raise
+        raise FeedbackError(
+            f"{e}; labelled in {', '.join(elsewhere)}: forget it on that host, or label it "
+            "again here (the newest label wins)"
+        ) from e

@@ -24,11 +24,12 @@ CHECK_SECONDS = 5.0  # how often the store is looked at (a directory listing)
 
 def new_labels(labels_dir: Path, since: float) -> int:
     """Label files that arrived after `since` (a replaced label counts again: it is news).
-    By the inode's change time: a copy from another host (rsync -a) keeps its older mtime."""
+    By the inode's change time: a copy from another host (rsync -a) keeps its older mtime.
+    A store that cannot be read counts none (the retrain, when it runs, says why)."""
     try:
         with os.scandir(labels_dir) as it:
             return sum(1 for e in it if e.name.endswith(".json") and e.stat().st_ctime > since)
-    except FileNotFoundError:
+    except OSError:
         return 0
 
 

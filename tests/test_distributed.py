@@ -163,14 +163,15 @@ def test_two_ranks_train_a_checkpoint_that_agrees_with_one_process(corpus, tmp_p
     assert clf.score_texts(["WINNER!! Claim your free prize now, txt WIN to 80086"])[0] > 0.5
 
 
-def _rank_pid(rank: int) -> int | None:
+def _rank_pid(torchrun: int, rank: int) -> int | None:
+    """The process of that rank among torchrun's children (not another run's)."""
     for entry in Path("/proc").iterdir():
         try:
-            cmdline = (entry / "cmdline").read_bytes()
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             environ = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError):
+        except (OSError, ValueError, IndexError):
             continue
-        if b"filterd.trainer.cli" in cmdline and f"RANK={rank}".encode() in environ:
+        if parent == torchrun and f"RANK={rank}".encode() in environ:
             return int(entry.name)
     return None
 
@@ -190,7 +191,7 @@ def test_a_rank_that_dies_fails_the_run_and_writes_no_checkpoint(corpus, tmp_pat
             lines.append(line)
             if line.startswith("epoch 1:"):  # both ranks are in the training loop
                 break
-        pid = _rank_pid(1)
+        pid = _rank_pid(run.pid, 1)
         assert pid is not None, "".join(lines)
         os.kill(pid, signal.SIGKILL)
         started = time.monotonic()
@@ -202,3 +203,21 @@ def test_a_rank_that_dies_fails_the_run_and_writes_no_checkpoint(corpus, tmp_pat
         run.wait()
     assert "rank      : 1" in output and "SIGKILL" in output, output
     assert not (out / "model.safetensors").exists()
+
+
+def test_more_ranks_than_training_messages_is_said_once(tmp_path, sms_lines):
+    sms = tmp_path / "sms6"
+    ham = [t for label, t in sms_lines if label == "ham"][:3]
+    spam = [t for label, t in sms_lines if label == "spam"][:3]
+    sms.write_text("".join(f"ham\t{t}\n" for t in ham) + "".join(f"spam\t{t}\n" for t in spam))
+    argv = ["--sms", str(sms), "--init", "random", "--arch", "gpt2-tiny", "--out", str(tmp_path)]
+    run = subprocess.run(
+        [*TORCHRUN, "3", "-m", "filterd.trainer.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0
+    said = " ".join(run.stderr.split()).count("2 training messages cannot be shared by 3 ranks")
+    assert said == 1, run.stderr
+    assert not (tmp_path / "model.safetensors").exists()

@@ -265,6 +265,17 @@ def test_the_newest_label_wins_across_host_stores_whatever_their_order(tmp_path)
         run = filterd("learn", "--stats", "--json", config=host_config(tmp_path, host))
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout)["by_label"] == {"feedback ham": 2, "feedback spam": 1}
+    # Forgetting is each host's own: mx2 cannot forget what only mx1 holds, and says where.
+    only_mx1 = tmp_path / "only-mx1.eml"
+    only_mx1.write_bytes(mail("weekly report"))
+    mx1.add(mail("weekly report"), message_text(mail("weekly report")), "ham", "learn")
+    run = filterd("learn", "--forget", only_mx1, config=tmp_path / "mx2" / "config.yaml")
+    assert run.returncode != 0
+    assert f"labelled in {fleet / 'mx1'}: forget it on that host" in run.stderr.decode()
+    assert (
+        filterd("learn", "--forget", only_mx1, config=tmp_path / "mx1" / "config.yaml").returncode
+        == 0
+    )
 
 
 def test_two_hosts_learning_at_once_lose_no_label(tmp_path):
@@ -362,6 +373,47 @@ def test_the_daemon_counts_labels_arriving_from_other_hosts(tmp_path):
     copied.add(mail("two"), "two", "spam", "learn", host="mx2")
     for path in copied.root.rglob("*"):
         os.utime(path, (0, 0))
+    assert retrainer.due(time.time()) == "2 new labels"
+
+
+def without_root_powers() -> list[str]:
+    """A command prefix under which permission bits hold for root too (CI runs as root)."""
+    if os.geteuid() != 0:
+        return []
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--"]
+
+
+def test_a_folder_in_the_fleet_that_cannot_be_read_is_named_and_skipped(tmp_path):
+    """lost+found at the root of a mounted fleet folder, or a store copied in as another
+    user: `learn --stats` names it and counts the rest; the daemon's schedule goes on."""
+    config = host_config(tmp_path, "mx1", retrain={"after_labels": 2})
+    fleet = tmp_path / "fleet"
+    FeedbackStore(fleet / "mx1").add(mail("one"), "one", "spam", "learn")
+    FeedbackStore(fleet / "mx2").add(mail("two"), "two", "ham", "learn", host="mx2")
+    locked = fleet / "lost+found"
+    (locked / "labels").mkdir(parents=True)
+    (fleet / "odd").mkdir()
+    (fleet / "odd" / "labels").write_text("")  # not a folder
+    if os.geteuid() == 0:
+        os.chown(locked, 65534, 65534)
+    locked.chmod(0o700)
+    command = [sys.executable, "-m", "filterd.cli", "learn", "--stats", "--json"]
+    try:
+        run = subprocess.run(
+            [*without_root_powers(), *command, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        locked.chmod(0o755)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["total"] == 2
+    assert f"{locked}: cannot read (Permission denied): not read as a store" in run.stderr
+    assert f"{fleet / 'odd'}: cannot read (Not a directory)" in run.stderr
+    retrainer = Retrainer(load_config(config), tmp_path / "model", None, reload=None)
+    retrainer.last = 0
     assert retrainer.due(time.time()) == "2 new labels"
 
 

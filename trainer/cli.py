@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -113,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate(args)
         return run_training(args)
     except (DataError, ValueError, OSError, RuntimeError) as e:
-        err.print(f"[bold red]filterd-train:[/] {e}", highlight=False, markup=True)
+        # Under torchrun every rank meets bad input alike and rank 0 says it; any other
+        # failure is said by the rank it happened on.
+        rank = int(os.environ.get("RANK", "0"))
+        if rank and isinstance(e, DataError):
+            return 2
+        err.quiet = False
+        where = f"rank {rank}: " if rank else ""
+        err.print(f"[bold red]filterd-train:[/] {where}{escape(str(e))}", highlight=False)
         return 2
 
 
@@ -184,11 +193,17 @@ def train_and_save(args: argparse.Namespace, device: str, group: Group) -> int:
         raise DataError(f"--max-fpr {args.max_fpr} is not a rate in [0, 1]")
     if args.patience < 0:
         raise DataError(f"--patience {args.patience}: must be 0 (never stop early) or more")
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size {args.batch_size}: must be 1 or more")
     started = time.monotonic()
     examples = read_examples(args)
     args.balance = args.balance or DEFAULT_BALANCE["sms" if args.sms else "mail"]
     data = prepare(examples, seed=args.seed, balance=args.balance == "undersample")
     err.print(f"read {len(examples)} messages: {json.dumps(data.counts)}", highlight=False)
+    if len(data.train) < group.world:
+        raise DataError(
+            f"{len(data.train)} training messages cannot be shared by {group.world} ranks"
+        )
 
     torch.manual_seed(args.seed)
     model, arch, base_meta, fam, tokenizer = initial_model(args.init, args.arch, args.dropout)

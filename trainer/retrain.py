@@ -86,11 +86,12 @@ def gather(config: Config, checkpoint: Path, replay: bool) -> dict[str, list[Exa
     """Examples for training (feedback + replay), the gate (held-out feedback, original
     test) and the threshold (original val). The feedback is every store of the fleet
     (learning.fleet_store) merged, each message's newest label winning."""
-    found = stores(config)
+    problems: list[str] = []
+    found = stores(config, problems)
     limits = config.limits.text_limits()
     feedback, stored_replay = [], []
     missing = 0
-    for store, record in newest(found):
+    for store, record in newest(found, problems):
         try:
             raw = store.read(record)
         except FileNotFoundError:  # another host's store, caught mid-write: next time
@@ -98,6 +99,8 @@ def gather(config: Config, checkpoint: Path, replay: bool) -> dict[str, list[Exa
             continue
         example = Example(f"feedback:{record.key}", record.label, message_text(raw, limits))
         (feedback if record.kind == "feedback" else stored_replay).append((record.key, example))
+    for problem in problems:
+        _log(f"skipped: {problem}")
     if missing:
         _log(f"skipped {missing} label(s) whose message is not in its store (yet)")
     learning = config.learning

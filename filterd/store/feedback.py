@@ -166,16 +166,23 @@ class FeedbackStore:
         return record
 
     def records(self, problems: list[str] | None = None) -> list[Record]:
-        """Every entry, oldest label first; a damaged one is skipped and said so."""
-        if not self._labels.is_dir():
+        """Every entry, oldest label first; a damaged or unreadable one is skipped and said
+        so in `problems` (another host's store may belong to another user)."""
+        said = problems if problems is not None else []
+        try:
+            paths = sorted(self._labels.glob("*.json")) if self._labels.is_dir() else []
+        except OSError as e:
+            said.append(f"{self._labels}: cannot read ({e.strerror or e})")
             return []
         found = []
-        for path in sorted(self._labels.glob("*.json")):
+        for path in paths:
             try:
                 record = self.get(path.stem)
             except FeedbackError as e:
-                if problems is not None:
-                    problems.append(str(e))
+                said.append(str(e))
+                continue
+            except OSError as e:
+                said.append(f"{path}: cannot read ({e.strerror or e})")
                 continue
             if record is not None:
                 found.append(record)
