@@ -14,7 +14,10 @@ trained from scratch on the older mail plus every correction. Also the retrain's
 and peak memory, and the scoring throughput while a retrain runs (at the daemon's idle
 priority) against idle, in the same script.
 
+`--init minilm-l6` makes the base (and (b)) the pretrained MiniLM instead.
+
     .venv/bin/python benchmarks/drift_bench.py [--rounds 4] [--per-round 50] [--out DIR]
+        [--init random|minilm-l6]
 """
 
 from __future__ import annotations
@@ -131,6 +134,9 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=50)
     parser.add_argument("--base-epochs", type=int, default=3)
     parser.add_argument(
+        "--init", default="random", help="the base's --init: random (gpt2-mini) or minilm-l6"
+    )
+    parser.add_argument(
         "--old-ham", type=int, default=800, help="easy_ham messages the base sees (time)"
     )
     parser.add_argument("--out", type=Path, help="keep the work folder here (default: a temp)")
@@ -165,7 +171,12 @@ def main() -> None:
     base_dir = work / "base"
     folders = place(old, work / "old")
     started = time.monotonic()
-    base_cmd = [BIN / "filterd-train", "--init", "random", "--arch", "gpt2-mini"]
+    init = (
+        ["--init", "random", "--arch", "gpt2-mini"]
+        if args.init == "random"
+        else ["--init", args.init]
+    )
+    base_cmd = [BIN / "filterd-train", *init]
     base_cmd += ["--epochs", args.base_epochs, "--seed", args.seed, "--out", base_dir]
     run(*base_cmd, "--ham", folders["ham"], "--spam", folders["spam"], stdout=subprocess.DEVNULL)
     results["base_train_seconds"] = round(time.monotonic() - started, 1)
@@ -235,7 +246,7 @@ def main() -> None:
     # (b) from scratch on the older mail plus every correction.
     scratch = place(old + fed, work / "scratch-data")
     started = time.monotonic()
-    scratch_cmd = [BIN / "filterd-train", "--init", "random", "--arch", "gpt2-mini"]
+    scratch_cmd = [BIN / "filterd-train", *init]
     scratch_cmd += ["--epochs", args.base_epochs, "--seed", args.seed, "--out", work / "scratch"]
     run(*scratch_cmd, "--ham", scratch["ham"], "--spam", scratch["spam"], stdout=subprocess.DEVNULL)
     probs, t = score(work / "scratch", held)

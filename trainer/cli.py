@@ -15,11 +15,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from filterd.trainer.distributed import Group
-
 from filterd import __version__
 from filterd.trainer.data import DataError, Example, prepare, read_mail, read_sms, read_spamassassin
+
+if TYPE_CHECKING:
+    from filterd.trainer.distributed import Group
 
 err = Console(stderr=True)
 out = Console()
