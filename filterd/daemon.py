@@ -58,8 +58,12 @@ class Reloader:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns
 
-    async def reload(self, why: str) -> bool:
+    async def reload(self, why: str, changed_only: bool = False) -> bool:
+        """Load the checkpoint file anew; with `changed_only`, not if the file in use is
+        already this one (the file watch may have loaded it first)."""
         async with self._lock:
+            if changed_only and self._stamp() == self._seen:
+                return True
             self._seen = self._stamp()  # taken first: a change during the load loads again
             current = self.engine.classifier
             try:

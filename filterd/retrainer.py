@@ -97,7 +97,7 @@ class Retrainer:
                 gate["reason"],
             )
             if report["installed"]:
-                await self.reload("retrain installed a new model")
+                await self.reload("retrain installed a new model", changed_only=True)
         else:
             log.error("retrain failed (exit %s); the running model stays", child.returncode)
         return child.returncode

@@ -514,6 +514,28 @@ def test_corrupt_checkpoint_on_reload_keeps_the_old_model_serving(
     assert flags == [False] * 3 + [True]  # the old model (ham) until a good checkpoint came
 
 
+def test_a_model_the_file_watch_loaded_first_is_not_loaded_again_after_a_retrain(tmp_path, hop):
+    """The retrainer asks for a reload of the file it installed; when the file watch has
+    loaded that file already, once is enough. SIGHUP always loads."""
+    config = make_config(tmp_path, hop.port, logit=-2.0)
+    engine = Engine.from_config(config)
+    reloader = Reloader(engine, config.checkpoint)
+
+    async def run() -> None:
+        make_checkpoint(config.checkpoint, 2.0)  # replaced by rename, as a retrain does
+        assert await reloader.reload("checkpoint file changed")
+        loaded = engine.classifier
+        assert await reloader.reload("retrain installed a new model", changed_only=True)
+        assert engine.classifier is loaded
+        assert await reloader.reload("SIGHUP")
+        assert engine.classifier is not loaded
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.close()
+
+
 # --- a Maildir file vanishing or renamed between the event and the read ----------------------
 
 
