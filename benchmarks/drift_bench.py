@@ -14,7 +14,8 @@ trained from scratch on the older mail plus every correction. Also the retrain's
 and peak memory, and the scoring throughput while a retrain runs (at the daemon's idle
 priority) against idle, in the same script.
 
-`--init minilm-l6` makes the base (and (b)) the pretrained MiniLM instead.
+`--init minilm-l6` makes the base (and (b)) the pretrained MiniLM instead. Needs Debian's
+bogofilter (`apt-get install bogofilter`).
 
     .venv/bin/python benchmarks/drift_bench.py [--rounds 4] [--per-round 50] [--out DIR]
         [--init random|minilm-l6]
