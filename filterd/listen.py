@@ -27,6 +27,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 ClientHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
+LINGER_BYTES = 1 << 20  # unread client bytes dropped after the last answer, at most
+
+
 def is_loopback(host: str) -> bool:
     """Whether a listening address reaches this machine only: a loopback IP or localhost."""
     if host == "localhost":
@@ -182,6 +185,21 @@ async def serve(
                 name,
             )
     return server
+
+
+async def linger(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float
+) -> None:
+    """After the last answer: end our side, then read and drop what the client still sends
+    (at most LINGER_BYTES, for at most `seconds`). Closing with its bytes unread would reset
+    the connection, and the client could lose the answer."""
+    if writer.can_write_eof():
+        writer.write_eof()
+    left = LINGER_BYTES
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while left > 0 and (data := await reader.read(min(left, 1 << 16))):
+                left -= len(data)
 
 
 def bound_port(server: asyncio.Server) -> int:

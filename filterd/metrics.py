@@ -204,7 +204,6 @@ HEAD_LIMIT = 8192  # bytes of request line and headers
 HEAD_SECONDS = 5.0  # to send them
 SEND_SECONDS = 5.0  # to take the answer
 MAX_CLIENTS = 16  # at once; more get 503
-LINGER_BYTES = 1 << 20  # unread request bytes discarded after an error answer, at most
 REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -277,7 +276,7 @@ class Endpoint:
                 writer.write(answer.encode())
                 await asyncio.wait_for(writer.drain(), SEND_SECONDS)
                 if answer.status >= 400:
-                    await self._linger(reader, writer)
+                    await listen.linger(reader, writer, 1.0)
         except (ConnectionError, TimeoutError) as e:
             log.debug("metrics: client %s: %r", writer.get_extra_info("peername"), e)
         finally:
@@ -315,23 +314,3 @@ class Endpoint:
                 return Answer(200, f"ok {self.model()}\n".encode())
             return Answer(503, f"{self.state}\n".encode())
         return Answer(404, b"not found: /metrics or /healthz\n")
-
-    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """After an error answer, half-close and read what the client still sends (a
-        bounded amount, briefly): closing with unread bytes would reset the connection,
-        and the client could lose the answer."""
-        if writer.can_write_eof():
-            writer.write_eof()
-        deadline = asyncio.get_running_loop().time() + 1.0
-        left = LINGER_BYTES
-        while left > 0:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                return
-            try:
-                data = await asyncio.wait_for(reader.read(min(left, 65536)), remaining)
-            except TimeoutError:
-                return
-            if not data:
-                return
-            left -= len(data)

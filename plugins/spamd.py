@@ -28,7 +28,7 @@ from pydantic import Field
 
 from filterd.config import Config, ConfigError
 from filterd.learning import forget, learn
-from filterd.listen import Listening, bound_port, remove_socket, serve, socket_identity
+from filterd.listen import Listening, bound_port, linger, remove_socket, serve, socket_identity
 from filterd.mail import Mail
 from filterd.plugin_api import Context, Handler, Options, Outcome, Source
 from filterd.spamd_protocol import (
@@ -239,18 +239,12 @@ class SpamdSource(Source):
     async def _send(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
     ) -> None:
-        """Write the reply, end our side, then wait briefly for the client's end before
-        closing: closing with its bytes unread would reset the connection, and the client
-        could lose the reply."""
+        """Write the reply, then linger for the client's end before closing."""
         try:
             async with asyncio.timeout(self.options.timeout_seconds):
                 writer.write(data)
                 await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-            async with asyncio.timeout(_LINGER):
-                while await reader.read(1 << 16):
-                    pass
+            await linger(reader, writer, _LINGER)
         except (TimeoutError, OSError):
             pass  # a client that takes neither the reply nor its end: closed below
         finally:
