@@ -334,21 +334,31 @@ def test_stopping_answers_the_message_being_scored_then_closes(caplog):
     assert isinstance(refused, OSError)  # the listener is closed: no new connections
 
 
-def test_a_malformed_header_frame_is_refused_with_a_log_line(caplog):
+def closed_by_the_milter(caplog, talk) -> str:
+    """What the milter logged after `talk(mta)`, once it has closed the connection."""
+
     async def go():
         source, _ = await running({})
         mta = await Mta().open(source.port)
-        await mta.negotiate()  # headers unanswered (NR): read on the quick path
-        await mta.send(m.EnvelopeFrom(b"<ann@example.org>"))
-        await mta.reply()
-        mta.writer.write(b"\x00\x00\x00\x05LSubj")  # no NUL after the name, no value
+        await talk(mta)
         closed = await asyncio.wait_for(mta.reader.read(), 5)
         await stopped(source)
         return closed
 
     with caplog.at_level(logging.INFO, "filterd.milter"):
         assert asyncio.run(go()) == b""
-    assert "unreadable frame b'L': a header is NAME\\0VALUE\\0" in caplog.text
+    return caplog.text
+
+
+def test_a_malformed_header_frame_is_refused_with_a_log_line(caplog):
+    async def talk(mta):
+        await mta.negotiate()  # headers unanswered (NR): read on the quick path
+        await mta.send(m.EnvelopeFrom(b"<ann@example.org>"))
+        await mta.reply()
+        mta.writer.write(b"\x00\x00\x00\x05LSubj")  # no NUL after the name, no value
+
+    logged = closed_by_the_milter(caplog, talk)
+    assert "unreadable frame b'L': a header is NAME\\0VALUE\\0" in logged
 
 
 def test_a_second_daemon_never_takes_over_a_live_socket_and_ours_goes_at_stop(tmp_path):
@@ -379,16 +389,10 @@ def test_a_client_that_never_negotiates_is_closed_soon(caplog, monkeypatch):
 
     monkeypatch.setattr(plugins.milter, "NEGOTIATE_SECONDS", 0.3)
 
-    async def go():
-        source, _ = await running({})
-        idle = await Mta().open(source.port)
-        closed = await asyncio.wait_for(idle.reader.read(), 5)
-        await stopped(source)
-        return closed
+    async def talk(mta):  # says nothing
+        pass
 
-    with caplog.at_level(logging.INFO, "filterd.milter"):
-        assert asyncio.run(go()) == b""
-    assert "no milter negotiation within 0.3 s" in caplog.text
+    assert "no milter negotiation within 0.3 s" in closed_by_the_milter(caplog, talk)
 
 
 def test_a_folded_subject_is_changed_without_a_stray_cr():
