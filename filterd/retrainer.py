@@ -61,7 +61,8 @@ class Retrainer:
     async def watch(self) -> None:
         while True:
             await asyncio.sleep(CHECK_SECONDS)
-            why = self.due(time.time())
+            # A stat of every label file of every host's store: off the event loop.
+            why = await asyncio.to_thread(self.due, time.time())
             if why and not self.running:
                 await self.run(why)
 

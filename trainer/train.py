@@ -97,7 +97,8 @@ class Batcher:
         indices: Sequence[int] | None = None,
     ):
         self.model, self.tokens, self.first, self.pad_id = model, tokens, first, pad_id
-        self.indices = list(range(len(tokens)) if indices is None else dict.fromkeys(indices))
+        # Each once, in order (a padded training shard names some twice).
+        self.indices = list(dict.fromkeys(range(len(tokens)) if indices is None else indices))
         self.cache: dict[int, torch.Tensor] | None = {} if cache and first > 0 else None
         self.device = next(model.parameters()).device
         self.autocast = autocast
