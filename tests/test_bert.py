@@ -106,6 +106,25 @@ def test_a_bert_folder_is_a_trainer_init_path(tiny_reference):
     assert isinstance(model, BertClassifier)
 
 
+def test_trainable_blocks_trains_every_block_but_not_the_embeddings(
+    tiny_reference, tmp_path, sms_lines
+):
+    """`--trainable blocks --schedule linear` (README, model quality), from pretrained BERT."""
+    reference, folder = tiny_reference
+    data = tmp_path / "SMSSlice"
+    data.write_text("".join(f"{label}\t{t}\n" for label, t in sms_lines[:120]))
+    argv = ["--sms", str(data), "--init", str(folder), "--epochs", "1", "--max-tokens", "32"]
+    argv += ["--trainable", "blocks", "--schedule", "linear"]
+    assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 0
+    settings = json.loads((tmp_path / "out/metrics.json").read_text())["settings"]
+    assert (settings["trainable"], settings["schedule"]) == ("blocks", "linear")
+    before = hf_to_filterd_keys(reference.state_dict())
+    after = load_checkpoint(tmp_path / "out").model.state_dict()
+    changed = {k for k, v in after.items() if k in before and not torch.equal(v, before[k])}
+    assert changed.isdisjoint({"wte.weight", "wpe.weight", "wtt.weight", "ln_e.weight"})
+    assert {k.split(".")[1] for k in changed if k.startswith("h.")} == {"0", "1"}
+
+
 @pytest.fixture(scope="module")
 def minilm():
     """The real all-MiniLM-L6-v2 weights, loaded once (90 MB)."""

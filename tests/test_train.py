@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from filterd.model.tokenizer import ENDOFTEXT, gpt2_tokenizer
 from filterd.text import TEXT_VERSION
 from filterd.trainer import cli
 from filterd.trainer.metrics import binary_metrics, choose_threshold, roc_auc
-from filterd.trainer.train import Settings, set_trainable, train
+from filterd.trainer.train import Settings, lr_schedule, set_trainable, train
 from tests.conftest import SMS_FILE
 from tests.test_checkpoint import _rewrite_meta
 
@@ -222,6 +223,25 @@ def test_patience_stops_once_validation_loss_stops_falling(sms_lines):
     best = history.val_loss.index(min(history.val_loss)) + 1
     assert history.stopped_epoch == best + 2 < 8
     assert len(history.val_loss) == history.stopped_epoch and history.best_epoch == best
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    rates = {}
+    for schedule in ("constant", "linear"):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        scheduler = lr_schedule(optimizer, Settings(epochs=2, schedule=schedule), 400)
+        rates[schedule] = []
+        for _ in range(100):  # 2 epochs of 400 messages in batches of 8
+            rates[schedule].append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+    assert rates["constant"] == [1.0] * 100
+    linear = rates["linear"]
+    assert linear[:6] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])
+    assert all(a > b > 0 for a, b in itertools.pairwise(linear[5:]))  # falls after warm-up
+    assert linear[-1] == pytest.approx(1 / 95)  # one step before reaching zero
+    with pytest.raises(ValueError, match="cosine"):
+        lr_schedule(optimizer, Settings(schedule="cosine"), 400)
 
 
 def test_class_weights_change_the_loss(sms_lines):

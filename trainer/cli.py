@@ -80,8 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--lr", type=float)
+    train.add_argument(
+        "--schedule",
+        choices=("constant", "linear"),
+        default="constant",
+        help="learning rate: constant (default), or linear warm-up over 6%% of the steps "
+        "then decay to 0",
+    )
     train.add_argument("--weight-decay", type=float, default=0.1)
-    train.add_argument("--trainable", help="last-N or all (default: last-2; all for random)")
+    train.add_argument(
+        "--trainable",
+        help="last-N blocks, blocks (every block, embeddings frozen) or all (default: "
+        "last-2; all for random weights)",
+    )
     train.add_argument("--seed", type=int, default=123)
     train.add_argument(
         "--balance",
@@ -217,9 +228,10 @@ def train_and_save(args: argparse.Namespace, device: str, group: Group) -> int:
         batch_size=args.batch_size,
         lr=args.lr or defaults["lr"],
         weight_decay=args.weight_decay,
-        trainable=parse_trainable(args.trainable or defaults["trainable"]),
+        trainable=parse_trainable(args.trainable or defaults["trainable"], len(model.blocks)),
         seed=args.seed,
         patience=args.patience or None,
+        schedule=args.schedule,
         class_weights=class_weights(data.train) if args.balance == "weight" else None,
         # On a GPU: bfloat16 forward passes, float32 master weights (README, GPU).
         autocast=torch.bfloat16 if device.startswith("cuda") else None,
@@ -239,7 +251,8 @@ def train_and_save(args: argparse.Namespace, device: str, group: Group) -> int:
     ranks = f" x {group.world} ranks" if group.world > 1 else ""
     err.print(
         f"training {arch} from {args.init} on {device}{ranks}: {settings.epochs} epochs, "
-        f"{steps} steps of {settings.batch_size}{ranks}, lr {settings.lr}, "
+        f"{steps} steps of {settings.batch_size}{ranks}, lr {settings.lr} "
+        f"({settings.schedule}), "
         f"trainable {args.trainable or defaults['trainable']}",
         highlight=False,
     )
@@ -316,6 +329,7 @@ def train_and_save(args: argparse.Namespace, device: str, group: Group) -> int:
         "counts": data.counts,
         "settings": {
             "lr": settings.lr,
+            "schedule": settings.schedule,
             "batch_size": settings.batch_size,
             "weight_decay": settings.weight_decay,
             "trainable": args.trainable or defaults["trainable"],
@@ -404,12 +418,15 @@ def class_weights(train: list[Example]) -> tuple[float, float]:
     return (len(train) / (2 * ham), len(train) / (2 * spam))
 
 
-def parse_trainable(value: str) -> int | None:
+def parse_trainable(value: str, n_layer: int) -> int | None:
+    """The number of last blocks to train (None: everything, embeddings included)."""
     if value == "all":
         return None
+    if value == "blocks":
+        return n_layer
     prefix, _, n = value.partition("-")
     if prefix != "last" or not n.isdigit() or int(n) < 1:
-        raise DataError(f"--trainable {value!r}: expected last-N (N >= 1) or all")
+        raise DataError(f"--trainable {value!r}: expected last-N (N >= 1), blocks or all")
     return int(n)
 
 

@@ -46,6 +46,9 @@ class Settings:
     # Loss weight of ham and spam (e.g. inverse class frequency when nothing is
     # undersampled); None: equal.
     class_weights: tuple[float, float] | None = None
+    # "constant" (the reference recipe) or "linear": the rate rises over the first 6% of
+    # the steps, then falls to zero at the last planned step (BERT's fine-tuning schedule).
+    schedule: str = "constant"
 
 
 @dataclass
@@ -155,6 +158,25 @@ def train_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -
     return batches
 
 
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, settings: Settings, n_train: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The factor on the learning rate at each step (see Settings.schedule)."""
+    if settings.schedule not in ("constant", "linear"):
+        raise ValueError(f"schedule {settings.schedule!r}: expected constant or linear")
+    total = settings.epochs * -(-n_train // settings.batch_size)
+    warmup = max(1, round(0.06 * total))
+
+    def factor(step: int) -> float:
+        if settings.schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / (total - warmup + 1))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train_sample(n: int, settings: Settings) -> list[int]:
     """The fixed train messages that the train figures (per epoch and final) are on."""
     size = min(n, settings.train_eval_sample)
@@ -262,6 +284,7 @@ def train(
     history = History()
     lengths = [len(train_tokens[i]) for i in shard]
     sample = train_sample(len(train_labels), settings)
+    scheduler = lr_schedule(optimizer, settings, len(shard))
     step = 0
     best: dict[str, torch.Tensor] | None = None
     for epoch in range(settings.epochs):
@@ -273,6 +296,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             history.step_losses.append(loss.item())
             step += 1
             if on_step:
