@@ -29,7 +29,7 @@ out = Console()
 # weights (SMS, gpt2-mini) the whole network trains, with a larger step and dropout.
 PRETRAINED_DEFAULTS = {
     "gpt2": {"lr": 5e-5, "epochs": 5, "trainable": "last-2"},
-    "bert": {"lr": 5e-5, "epochs": 3, "trainable": "last-2"},
+    "bert": {"lr": 5e-5, "epochs": 3, "trainable": "last-2", "max_tokens": 512},
 }
 RANDOM_DEFAULTS = {"lr": 3e-4, "epochs": 5, "trainable": "all", "dropout": 0.2}
 # Measured per data kind (README, model quality): short SMS texts train best balanced by
@@ -71,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="architecture for --init random: gpt2-mini, gpt2-tiny, bert-tiny, minilm-l6, ... "
         "(default: gpt2-mini)",
     )
-    model.add_argument("--max-tokens", type=int, help="token budget per message (default 256)")
+    model.add_argument(
+        "--max-tokens",
+        type=int,
+        help="token budget per message (default 512 for MiniLM, 256 otherwise; a "
+        "checkpoint's own when retraining)",
+    )
     model.add_argument(
         "--dropout", type=float, help="dropout while training from random weights (default 0.2)"
     )
@@ -220,7 +225,11 @@ def train_and_save(args: argparse.Namespace, device: str, group: Group) -> int:
     model, arch, base_meta, fam, tokenizer = initial_model(args.init, args.arch, args.dropout)
     model.to(device)
     defaults = RANDOM_DEFAULTS if args.init == "random" else PRETRAINED_DEFAULTS[fam.name]
-    max_tokens = args.max_tokens or (base_meta.max_tokens if base_meta else 256)
+    max_tokens = args.max_tokens or (
+        base_meta.max_tokens
+        if base_meta
+        else min(defaults.get("max_tokens", 256), model.config.n_positions)
+    )
     if not 2 <= max_tokens <= model.config.n_positions:
         raise DataError(f"--max-tokens {max_tokens} must be in 2..{model.config.n_positions}")
     settings = Settings(
