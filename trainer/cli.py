@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--max-tokens",
         type=int,
-        help="token budget per message (default 512 for MiniLM, 256 otherwise; a "
-        "checkpoint's own when retraining)",
+        help="token budget per message (default 512 from pretrained BERT/MiniLM, 256 "
+        "otherwise; a checkpoint's own when retraining)",
     )
     model.add_argument(
         "--dropout", type=float, help="dropout while training from random weights (default 0.2)"
