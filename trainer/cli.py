@@ -197,6 +197,7 @@ def train_and_save(args: argparse.Namespace, device: str, group: Group) -> int:
     from filterd.trainer.train import (
         Batcher,
         Settings,
+        planned_steps,
         predict_shared,
         set_trainable,
         train,
@@ -256,7 +257,7 @@ def train_and_save(args: argparse.Namespace, device: str, group: Group) -> int:
         for name, ex in data.splits()
     }
     split_labels = {name: [e.y for e in ex] for name, ex in data.splits()}
-    steps = settings.epochs * -(-len(owned["train"]) // settings.batch_size)
+    steps = planned_steps(settings, len(owned["train"]))
     ranks = f" x {group.world} ranks" if group.world > 1 else ""
     err.print(
         f"training {arch} from {args.init} on {device}{ranks}: {settings.epochs} epochs, "

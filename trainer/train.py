@@ -158,13 +158,18 @@ def train_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -
     return batches
 
 
+def planned_steps(settings: Settings, n_train: int) -> int:
+    """Optimizer steps of a whole run over n_train messages (the last batch may be short)."""
+    return settings.epochs * -(-n_train // settings.batch_size)
+
+
 def lr_schedule(
     optimizer: torch.optim.Optimizer, settings: Settings, n_train: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The factor on the learning rate at each step (see Settings.schedule)."""
     if settings.schedule not in ("constant", "linear"):
         raise ValueError(f"schedule {settings.schedule!r}: expected constant or linear")
-    total = settings.epochs * -(-n_train // settings.batch_size)
+    total = planned_steps(settings, n_train)
     warmup = max(1, round(0.06 * total))
 
     def factor(step: int) -> float:
