@@ -2,6 +2,8 @@
 bfloat16 autocast in training with float32 weights, half-precision scoring, and a config
 that refuses half precision where it would only be slow."""
 
+import json
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from filterd.model.checkpoint import CheckpointMeta
 from filterd.model.classifier import Classifier
 from filterd.model.gpt2 import ARCHITECTURES, GPT2Classifier
 from filterd.model.tokenizer import ENDOFTEXT
+from filterd.trainer import cli
 from filterd.trainer.train import Settings, train
 from tests.test_train import _tokens
 
@@ -51,3 +54,22 @@ def test_config_keeps_half_precision_for_a_gpu():
     assert Config.model_validate({"device": "auto", "precision": "float16"}).precision
     with pytest.raises(ValueError, match="for a CUDA GPU"):
         Config.model_validate({"device": "cpu", "precision": "bfloat16"})
+
+
+def test_filterd_train_precision_bfloat16_on_the_cpu(tmp_path, sms_lines):
+    ham = [t for label, t in sms_lines if label == "ham"][:60]
+    spam = [t for label, t in sms_lines if label == "spam"][:60]
+    path = tmp_path / "SMSSlice"
+    path.write_text("".join(f"ham\t{t}\n" for t in ham) + "".join(f"spam\t{t}\n" for t in spam))
+    argv = ["--sms", str(path), "--init", "random", "--arch", "gpt2-tiny", "--epochs", "1"]
+    argv += ["--device", "cpu"]
+    runs = {}
+    for precision in ("auto", "bfloat16"):
+        out = tmp_path / precision
+        assert cli.main([*argv, "--precision", precision, "--out", str(out)]) == 0
+        runs[precision] = json.loads((out / "metrics.json").read_text())
+    assert runs["auto"]["settings"]["autocast"] is None  # float32 on a CPU unless asked
+    assert runs["bfloat16"]["settings"]["autocast"] == "bfloat16"
+    half, full = (runs[p]["history"]["step_losses"] for p in ("bfloat16", "auto"))
+    assert half != full
+    assert half == pytest.approx(full, abs=0.05)

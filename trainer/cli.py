@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--max-fpr", type=float, default=0.01, help="threshold's bound on FPR")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    train.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="forward passes in bfloat16 (autocast; weights and optimizer stay float32) or "
+        "float32; auto: bfloat16 on a GPU, float32 on a CPU (default: auto)",
+    )
     train.add_argument("--plot", action="store_true", help="PNG plots next to the checkpoint")
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--evaluate", type=Path, metavar="CHECKPOINT", help="re-score, don't train")
@@ -243,8 +250,11 @@ def train_and_save(args: argparse.Namespace, device: str, group: Group) -> int:
         patience=args.patience or None,
         schedule=args.schedule,
         class_weights=class_weights(data.train) if args.balance == "weight" else None,
-        # On a GPU: bfloat16 forward passes, float32 master weights (README, GPU).
-        autocast=torch.bfloat16 if device.startswith("cuda") else None,
+        # bfloat16 forward passes, float32 master weights: the GPU default (README, GPU); a
+        # CPU gains only with bfloat16 matrix units (AMX), so there it is asked for.
+        autocast=torch.bfloat16
+        if args.precision == "bfloat16" or (args.precision == "auto" and device.startswith("cuda"))
+        else None,
     )
     # Each rank tokenizes and runs the frozen blocks over its own messages only.
     owned = {
