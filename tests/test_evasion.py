@@ -48,8 +48,8 @@ def assert_payload_seen(raw: bytes, payload: str = PAYLOAD) -> str:
     return text
 
 
-def test_text_version_was_bumped_for_the_new_byte_cap():
-    assert TEXT_VERSION == 3
+def test_text_version_was_bumped_for_the_new_alternative_choice():
+    assert TEXT_VERSION == 4
 
 
 # ------------------------------------------------------------------------------------------
@@ -325,6 +325,16 @@ def test_html_part_between_two_attachments_in_the_kept_bytes():
     text = assert_payload_seen(multipart("b", parts))
     assert text.count("[attachment: a.zip]") >= 2
     assert_no_base64(text)
+
+
+def test_innocent_plain_alternative_does_not_hide_the_html_a_client_shows():
+    """multipart/alternative: clients show the HTML; its plain twin is where a spammer
+    puts the innocent words (v3 read only the plain one: the payload was never seen)."""
+    for plain in ("Lunch at noon? Bring the slides for the budget review.", "HTML message"):
+        entities = [("Content-Type: text/plain", f"{plain}\r\n".encode()), (HTML, html_part(400))]
+        ctype, body = nested("alt", entities, "alternative")
+        text = assert_payload_seen(mail(["Subject: hi", ctype], body))
+        assert plain not in text
 
 
 NESTED = {

@@ -216,19 +216,33 @@ def test_multipart_digest_parts_are_messages():
     assert message_text(raw) == "Subject: one\n\nbody one\n\nSubject: two\n\nbody two"
 
 
-def test_multipart_alternative_prefers_plain():
+def test_multipart_alternative_reads_the_version_a_client_shows():
+    """Clients show the HTML version; a plain one nobody reads is where a spammer puts
+    innocent words (and "This is an HTML message" stubs say nothing)."""
+    raw = multipart(
+        "alternative",
+        [
+            ("Content-Type: text/plain", "see you at lunch"),
+            ("Content-Type: text/html", "<p>cheap pills</p>"),
+            ("Content-Type: text/calendar", "BEGIN:VCALENDAR"),
+        ],
+    )
+    assert message_text(raw) == "Subject: multi\n\ncheap pills"
+    html = mail("Content-Type: text/html", "<p>html in related</p>")
+    related = ('Content-Type: multipart/related; boundary="R"', b"--R\r\n" + html + b"\r\n--R--")
+    raw = multipart("alternative", [("Content-Type: text/plain", "plain version"), related])
+    assert message_text(raw) == "Subject: multi\n\nhtml in related"
+
+
+def test_multipart_alternative_empty_html_falls_back_to_plain():
     raw = multipart(
         "alternative",
         [
             ("Content-Type: text/plain", "plain version"),
-            ("Content-Type: text/html", "<p>html version</p>"),
+            ("Content-Type: text/html", "<p> </p><style>p {}</style>"),
         ],
     )
-    out = message_text(raw)
-    assert "plain version" in out and "html version" not in out
-
-
-def test_multipart_alternative_empty_plain_falls_back_to_html():
+    assert message_text(raw) == "Subject: multi\n\nplain version"
     raw = multipart(
         "alternative",
         [("Content-Type: text/plain", "  \r\n"), ("Content-Type: text/html", "<p>only html</p>")],
@@ -297,7 +311,7 @@ def test_boundary_with_stray_spaces_still_splits():
         "--= Multipart Boundary 1\r\nContent-Type: text/html\r\n\r\n<p>html</p>\r\n"
         "--= Multipart Boundary 1--\r\n",
     )
-    assert message_text(raw) == "plain"
+    assert message_text(raw) == "html"  # split, so the version a client shows is read
 
 
 def test_mime_body_without_content_type_header():

@@ -34,7 +34,8 @@ from filterd.text.plain import cap, normalize_text
 # and the caps keep the head and the tail (bytes, parts) or flatten (depth) instead of cutting.
 # v3: past max_bytes, a line longer than the cut keeps its own head and tail, and the tail
 # gets back the MIME headers of the parts it starts inside (cut.py).
-TEXT_VERSION: int = 3
+# v4: multipart/alternative reads the HTML version a client shows, not the plain one.
+TEXT_VERSION: int = 4
 
 
 @dataclass(frozen=True)
@@ -120,14 +121,20 @@ class _Walker:
             for headers, body in kids:
                 self.part(headers, body, depth + 1, default)
             return
-        # multipart/alternative: the plain version if it says anything, else the richest.
-        plain, rich = [], []
+        # multipart/alternative: the version a mail client shows, its last HTML (or
+        # multipart) one, since a plain version nobody reads can carry innocent words; then
+        # the plain one, then the rest, each taken only if it says anything.
+        shown, plain, rest = [], [], []
         for kid in kids:
             kind = content_info(kid[0], default)
-            inline = kind.get_content_disposition() != "attachment"
-            is_plain = kind.get_content_type() == "text/plain" and inline
-            (plain if is_plain else rich).append(kid)
-        for headers, body in plain + rich[::-1]:
+            ctype = kind.get_content_type()
+            if kind.get_content_disposition() == "attachment":
+                rest.append(kid)
+            elif ctype == "text/html" or ctype.startswith("multipart/"):
+                shown.append(kid)
+            else:
+                (plain if ctype == "text/plain" else rest).append(kid)
+        for headers, body in shown[::-1] + plain[::-1] + rest[::-1]:
             mark = len(self.blocks)
             self.part(headers, body, depth + 1, default)
             if any(not block.isspace() and block for block in self.blocks[mark:]):
