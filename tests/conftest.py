@@ -65,3 +65,13 @@ def spam(tmp_path_factory):
     from tests.test_engine import make_checkpoint
 
     return load_classifier(make_checkpoint(tmp_path_factory.mktemp("spam"), 2.0))
+
+
+@pytest.fixture(scope="module")
+def sms_slice(tmp_path_factory, sms_lines):
+    """120 ham and 120 spam lines of the real collection."""
+    ham = [t for label, t in sms_lines if label == "ham"][:120]
+    spam = [t for label, t in sms_lines if label == "spam"][:120]
+    path = tmp_path_factory.mktemp("sms") / "SMSSlice"
+    path.write_text("".join(f"ham\t{t}\n" for t in ham) + "".join(f"spam\t{t}\n" for t in spam))
+    return path

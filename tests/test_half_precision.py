@@ -56,12 +56,8 @@ def test_config_keeps_half_precision_for_a_gpu():
         Config.model_validate({"device": "cpu", "precision": "bfloat16"})
 
 
-def test_filterd_train_precision_bfloat16_on_the_cpu(tmp_path, sms_lines):
-    ham = [t for label, t in sms_lines if label == "ham"][:60]
-    spam = [t for label, t in sms_lines if label == "spam"][:60]
-    path = tmp_path / "SMSSlice"
-    path.write_text("".join(f"ham\t{t}\n" for t in ham) + "".join(f"spam\t{t}\n" for t in spam))
-    argv = ["--sms", str(path), "--init", "random", "--arch", "gpt2-tiny", "--epochs", "1"]
+def test_filterd_train_precision_bfloat16_on_the_cpu(tmp_path, sms_slice):
+    argv = ["--sms", str(sms_slice), "--init", "random", "--arch", "gpt2-tiny", "--epochs", "1"]
     argv += ["--device", "cpu"]
     runs = {}
     for precision in ("auto", "bfloat16"):

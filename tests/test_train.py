@@ -81,16 +81,6 @@ def test_metrics_counts():
     assert m["accuracy_argmax"] == 0.25
 
 
-@pytest.fixture(scope="module")
-def sms_slice(tmp_path_factory, sms_lines):
-    """120 ham and 120 spam lines of the real collection."""
-    ham = [t for label, t in sms_lines if label == "ham"][:120]
-    spam = [t for label, t in sms_lines if label == "spam"][:120]
-    path = tmp_path_factory.mktemp("sms") / "SMSSlice"
-    path.write_text("".join(f"ham\t{t}\n" for t in ham) + "".join(f"spam\t{t}\n" for t in spam))
-    return path
-
-
 def test_end_to_end_tiny_run_writes_a_checkpoint_filterd_loads(tmp_path, sms_slice, capsys):
     out = tmp_path / "run"
     args = ["--sms", str(sms_slice), "--init", "random", "--arch", "gpt2-tiny"]
